@@ -1,0 +1,3 @@
+"""The one place that defines the package version."""
+
+__version__ = "0.1.0"
