@@ -1,0 +1,674 @@
+"""`ModularAdaptiveOptimizer` and `wrap()`: masks as optimizer state and the
+masked update of variables and of every optimizer slot that belongs to them.
+
+The wrapper follows `keras.optimizers.LossScaleOptimizer`: it holds an inner
+optimizer, builds it, exposes its own variables followed by the inner ones and
+delegates `learning_rate` and `iterations`. It never touches the inner
+`update_step` (Keras swaps in fused implementations on torch, and the JAX
+trainer only calls `stateless_apply`); instead it snapshots the values that a
+masked module must keep, runs the inner optimizer's normal apply and blends
+the result back with `keras.ops.where`, so that masked slices keep their value
+bit for bit whatever the inner optimizer does (weight decay, EMA, gradient
+accumulation, fused torch kernels, loss scaling, clipping).
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+from keras.src import backend as keras_backend
+from keras.src.utils import tracking
+
+from keras_mat import groups as groups_lib
+
+_NTK_OUTPUTS = ("auto", "logits", "sum", "loss")
+_THRESHOLD_SCOPES = ("auto", "global", "per_layer")
+_POLICIES = ("mat", None)
+_PROBES = ("fixed", "batch")
+
+# Order matters: it is the order of the variables in `optimizer.variables`,
+# which is how Keras saves and restores optimizer state.
+STATE_NAMES = ("mask", "frozen", "lambda_max", "lambda_init", "delta_prev", "delta_first", "updated")
+_STATE_INIT = {
+    "mask": 1.0,
+    "frozen": 0.0,
+    "lambda_max": 0.0,
+    "lambda_init": 0.0,
+    "delta_prev": 0.0,
+    "delta_first": 0.0,
+    "updated": 1.0,
+}
+
+
+def _is_int(x):
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_number(x):
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def _optimizer_chain(optimizer):
+    # LossScaleOptimizer-style nesting: the innermost optimizer owns the slots.
+    chain = []
+    while isinstance(optimizer, keras.optimizers.Optimizer):
+        chain.append(optimizer)
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+    return chain
+
+
+def _mask_condition(keep, axis, num_modules, shape):
+    """Boolean tensor broadcastable to `shape`: True where the update is kept.
+
+    `keep` is the `(num_modules,)` boolean mask of a family; each entry is
+    repeated `size // num_modules` times along `axis` (module `i` owns the
+    `i`-th contiguous block), and `axis=None` means the whole tensor.
+    """
+    rank = len(shape)
+    if axis is None:
+        return ops.reshape(keep, (1,) * rank) if rank else ops.reshape(keep, ())
+    size = shape[axis]
+    cond = ops.repeat(keep, size // num_modules, axis=0) if size != num_modules else keep
+    target = [1] * rank
+    target[axis] = size
+    return ops.reshape(cond, target)
+
+
+@keras.saving.register_keras_serializable(package="keras_mat")
+class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
+    """Wraps a Keras optimizer so that only the active modules are updated.
+
+    Each module family found on the trained variables (see
+    `keras_mat.annotate`) gets a per-module mask stored as optimizer
+    variables. On every step the inner optimizer runs normally, then every
+    slice of a variable that belongs to a masked (or frozen) module, and the
+    matching slice of every optimizer slot of that variable (momenta,
+    velocities, accumulators, EMA copies, gradient accumulators), is reset to
+    its value before the step, bit for bit. Active slices get exactly what
+    the inner optimizer computed. A module that becomes active again resumes
+    from its own untouched slots. Variables that belong to no family are
+    always updated.
+
+    The masks are runtime state, not Python constants: changing them never
+    retraces or recompiles a train step on JAX or TensorFlow.
+
+    Notes:
+        - Optimizers whose update couples slices of one variable (`Lamb`'s
+          trust ratio, `Adafactor`'s RMS scaling, `Muon`'s orthogonalisation)
+          compute the active slices from the whole variable, masked slices
+          included: the step equals the inner step restricted to active
+          modules. `clipnorm` and `global_clipnorm` likewise use the norm of
+          all gradients, masked ones included; masked slices still do not
+          move.
+        - Slots whose shape differs from their variable (`Adafactor`'s
+          factored accumulators) cannot be masked per slice: the wrapper
+          raises at build time if such a variable is in a family with more
+          than one module; one-module families are masked all-or-nothing.
+        - Gradient accumulators of masked modules do not accumulate.
+        - The wrapper's own variables (`mat_state`) are never changed by
+          `apply`; the MAT training step (or the user) writes them.
+
+    Args:
+        inner_optimizer: The `keras.optimizers.Optimizer` to wrap. It must
+            not be built yet and must not be a `ModularAdaptiveOptimizer`.
+        alpha: Float in `[0, 1)`. Threshold of the modular policy; `0`
+            updates every alive module.
+        beta: Positive float. Tolerance of the temporal policy.
+        probe_every: Positive int. Measure `lambda_max` every this many steps.
+        probe_samples: Positive int. Number of samples in the probe batch.
+        warmup: Non-negative int. Every module is updated until this
+            measurement.
+        ntk_output: One of `"auto"`, `"logits"`, `"sum"`, `"loss"`: the scalar
+            whose modular NTK is measured.
+        threshold_scope: One of `"auto"`, `"global"`, `"per_layer"`.
+        policy: `"mat"` to let the MAT training step update the masks, or
+            `None` to leave the masks to the user.
+        probe: `"fixed"` (one probe set drawn once) or `"batch"` (the current
+            training batch).
+        name: Optional name of the optimizer.
+        **kwargs: Only accepted for deserialisation compatibility; base
+            optimizer arguments such as `weight_decay` or `clipnorm` belong on
+            the inner optimizer.
+
+    Raises:
+        TypeError: if `inner_optimizer` is not a Keras optimizer.
+        ValueError: if `inner_optimizer` is already a
+            `ModularAdaptiveOptimizer` or already built, or an option is out
+            of range.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    >>> _ = keras_mat.annotate(model)
+    >>> opt = ModularAdaptiveOptimizer(keras.optimizers.Adam(1e-3), alpha=0.3)
+    >>> model.compile(optimizer=opt, loss="mse")
+    """
+
+    def __init__(
+        self,
+        inner_optimizer,
+        alpha=0.5,
+        beta=1e-3,
+        probe_every=100,
+        probe_samples=16,
+        warmup=1,
+        ntk_output="auto",
+        threshold_scope="auto",
+        policy="mat",
+        probe="fixed",
+        name=None,
+        **kwargs,
+    ):
+        families_config = kwargs.pop("families", None)
+        for arg_name in (
+            "learning_rate",
+            "weight_decay",
+            "clipnorm",
+            "global_clipnorm",
+            "clipvalue",
+            "use_ema",
+            "ema_momentum",
+            "ema_overwrite_frequency",
+            "loss_scale_factor",
+            "gradient_accumulation_steps",
+        ):
+            if arg_name in kwargs:
+                raise ValueError(
+                    f"ModularAdaptiveOptimizer does not take `{arg_name}`: set it on the inner "
+                    f"optimizer instead. Received: {arg_name}={kwargs[arg_name]!r}"
+                )
+        if kwargs:
+            raise ValueError(f"Unrecognized arguments: {sorted(kwargs)}. Received: kwargs={kwargs!r}")
+        if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
+            raise TypeError(
+                "`inner_optimizer` must be a keras.optimizers.Optimizer instance. "
+                f"Received: inner_optimizer={inner_optimizer!r} of type {type(inner_optimizer).__name__}"
+            )
+        if any(isinstance(o, ModularAdaptiveOptimizer) for o in _optimizer_chain(inner_optimizer)):
+            raise ValueError(
+                "`inner_optimizer` is already a ModularAdaptiveOptimizer; wrap the plain optimizer "
+                f"only once. Received: inner_optimizer={inner_optimizer.name!r}"
+            )
+        if inner_optimizer.built:
+            raise ValueError(
+                "`inner_optimizer` is already built; pass a fresh (unbuilt) optimizer so that the "
+                f"wrapper can map its slots to their variables. Received: inner_optimizer={inner_optimizer.name!r}"
+            )
+        if not _is_number(alpha) or not 0.0 <= float(alpha) < 1.0:
+            raise ValueError(f"`alpha` must be a float in [0, 1). Received: alpha={alpha!r}")
+        if not _is_number(beta) or not math.isfinite(float(beta)) or float(beta) <= 0.0:
+            raise ValueError(f"`beta` must be a finite float > 0. Received: beta={beta!r}")
+        if not _is_int(probe_every) or probe_every < 1:
+            raise ValueError(f"`probe_every` must be an int >= 1. Received: probe_every={probe_every!r}")
+        if not _is_int(probe_samples) or probe_samples < 1:
+            raise ValueError(
+                f"`probe_samples` must be an int >= 1. Received: probe_samples={probe_samples!r}"
+            )
+        if not _is_int(warmup) or warmup < 0:
+            raise ValueError(f"`warmup` must be an int >= 0. Received: warmup={warmup!r}")
+        if ntk_output not in _NTK_OUTPUTS:
+            raise ValueError(
+                f"`ntk_output` must be one of {_NTK_OUTPUTS}. Received: ntk_output={ntk_output!r}"
+            )
+        if threshold_scope not in _THRESHOLD_SCOPES:
+            raise ValueError(
+                f"`threshold_scope` must be one of {_THRESHOLD_SCOPES}. "
+                f"Received: threshold_scope={threshold_scope!r}"
+            )
+        if policy not in _POLICIES:
+            raise ValueError(f"`policy` must be 'mat' or None. Received: policy={policy!r}")
+        if probe not in _PROBES:
+            raise ValueError(f"`probe` must be one of {_PROBES}. Received: probe={probe!r}")
+
+        super().__init__(learning_rate=0.0, name=name)
+        self.inner_optimizer = inner_optimizer
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.probe_every = int(probe_every)
+        self.probe_samples = int(probe_samples)
+        self.warmup = int(warmup)
+        self.ntk_output = ntk_output
+        self.threshold_scope = threshold_scope
+        self.policy = policy
+        self.probe = probe
+        # Families recorded in a saved config, used to re-attach module
+        # families to a loaded model's variables (which carry no annotation).
+        self._families_config = families_config
+        self.families = []
+        self.mat_state = {}
+        self.num_measurements = None
+
+    # ----------------------------------------------------------------------------------
+    # Building
+    # ----------------------------------------------------------------------------------
+
+    def _resolve_families(self, var_list):
+        families = groups_lib.groups_from_variables(var_list)
+        if families or not self._families_config:
+            return families
+        # No annotation (e.g. a model restored by `keras.models.load_model`):
+        # rebuild the families recorded by `get_config`, matching by path.
+        by_path = {}
+        for v in var_list:
+            by_path.setdefault(v.path, []).append(v)
+        restored = []
+        for spec in self._families_config:
+            variables, axes = [], []
+            for path, axis in spec["variables"]:
+                matches = by_path.get(path, [])
+                if len(matches) != 1:
+                    raise ValueError(
+                        f"Cannot re-attach module family {spec['name']!r}: "
+                        f"{'no' if not matches else 'more than one'} trained variable has path {path!r}. "
+                        "Call keras_mat.annotate(model) before the optimizer is built. "
+                        f"Received: variable paths={sorted(by_path)}"
+                    )
+                variables.append(matches[0])
+                axes.append(axis)
+            group = groups_lib.ModuleGroup(
+                spec["name"], variables, axes, spec["num_modules"], spec.get("kind", "custom")
+            )
+            for v, axis in zip(group.variables, group.axes):
+                setattr(v, groups_lib._GROUP_ATTR, group)
+                setattr(v, groups_lib._AXIS_ATTR, axis)
+            restored.append(group)
+        return restored
+
+    def _build_inner(self, var_list):
+        # Record reference -> slot for every slot made through
+        # `add_variable_from_reference` (and hence `add_optimizer_variables`),
+        # the public seam every built-in optimizer uses for per-variable state.
+        chain = _optimizer_chain(self.inner_optimizer)
+        records = []
+        for opt in chain:
+            original = opt.add_variable_from_reference
+
+            def recording(reference_variable, name=None, initializer="zeros", _original=original):
+                slot = _original(reference_variable, name=name, initializer=initializer)
+                records.append((slot, reference_variable))
+                return slot
+
+            opt.__dict__["add_variable_from_reference"] = recording
+        try:
+            self.inner_optimizer.build(var_list)
+        finally:
+            for opt in chain:
+                opt.__dict__.pop("add_variable_from_reference", None)
+        slot_owner = {id(slot): ref for slot, ref in records}
+        # Slots made with plain `add_variable` (Adafactor's factored
+        # accumulators) live in per-variable lists parallel to `var_list`.
+        var_ids = {id(v) for v in var_list}
+        for opt in chain:
+            for value in list(vars(opt).values()):
+                if not isinstance(value, (list, tuple)) or len(value) != len(var_list):
+                    continue
+                if not all(x is None or isinstance(x, keras.Variable) for x in value):
+                    continue
+                if any(x is not None and id(x) in var_ids for x in value):
+                    continue
+                for slot, ref in zip(value, var_list):
+                    if slot is not None:
+                        slot_owner.setdefault(id(slot), ref)
+        return slot_owner
+
+    def build(self, var_list):
+        """Builds the inner optimizer and creates the MAT state variables.
+
+        Args:
+            var_list: The trainable variables to optimize. Module families are
+                read from their annotations (`keras_mat.annotate`); a restored
+                optimizer re-attaches the families saved in its config.
+
+        Raises:
+            ValueError: if a slot of a variable in a family with more than
+                one module does not have the variable's shape (it cannot be
+                masked per module), or if a slot cannot be attributed to its
+                variable.
+        """
+        if self.built:
+            return
+        var_list = list(var_list)
+        self._mat_build(var_list)
+        super().build(var_list)
+
+    @tracking.no_automatic_dependency_tracking
+    def _mat_build(self, var_list):
+        families = self._resolve_families(var_list)
+        slot_owner = self._build_inner(var_list)
+        family_index = {id(g): i for i, g in enumerate(families)}
+
+        def plan_for(variable, owner):
+            group, axis = groups_lib.group_of(owner)
+            if group is None or id(group) not in family_index:
+                return None
+            i = family_index[id(group)]
+            shape = tuple(variable.shape)
+            if shape == tuple(owner.shape):
+                return (i, axis)
+            if group.num_modules == 1:
+                return (i, None)
+            raise ValueError(
+                f"The inner optimizer {self.inner_optimizer.__class__.__name__} keeps a slot "
+                f"{variable.path!r} of shape {shape} for variable {owner.path!r} of shape "
+                f"{tuple(owner.shape)}, which cannot be masked per module. Use one module for "
+                f"family {group.name!r} (e.g. annotate with whole-layer groups) or another optimizer. "
+                f"Received: num_modules={group.num_modules}"
+            )
+
+        self._trainable_plan = [plan_for(v, v) for v in var_list]
+        inner_vars = self.inner_optimizer.variables
+        grouped_shapes = {tuple(v.shape) for v in var_list if groups_lib.group_of(v)[0] is not None}
+        inner_plan = []
+        for v in inner_vars:
+            owner = slot_owner.get(id(v))
+            if owner is None:
+                if tuple(v.shape) and tuple(v.shape) in grouped_shapes:
+                    raise ValueError(
+                        f"Cannot tell which model variable the inner optimizer variable {v.path!r} "
+                        "belongs to, so it cannot be masked. Create per-variable state with "
+                        f"`add_variable_from_reference`. Received: variable={v.path!r}"
+                    )
+                inner_plan.append(None)
+            else:
+                inner_plan.append(plan_for(v, owner))
+        self._inner_plan = inner_plan
+
+        self.families = list(families)
+        self._family_sizes = [g.num_modules for g in families]
+        self.num_measurements = self.add_variable(
+            shape=(), dtype="int", initializer="zeros", aggregation="none", name="mat_num_measurements"
+        )
+        state = {}
+        for i, g in enumerate(families):
+            state[g.name] = {
+                key: self.add_variable(
+                    shape=(g.num_modules,),
+                    dtype="float32",
+                    initializer=keras.initializers.Constant(_STATE_INIT[key]),
+                    aggregation="none",
+                    name=f"mat_{key}_{i}",
+                )
+                for key in STATE_NAMES
+            }
+        self.mat_state = state
+        self._state_list = [state[g.name] for g in families]
+
+    @property
+    def variables(self):
+        return self._variables + self.inner_optimizer.variables
+
+    # ----------------------------------------------------------------------------------
+    # Masked update
+    # ----------------------------------------------------------------------------------
+
+    def _keep_from_values(self, mask_values, frozen_values):
+        return [
+            ops.logical_and(ops.greater(m, 0.5), ops.less(f, 0.5)) for m, f in zip(mask_values, frozen_values)
+        ]
+
+    def active_masks(self):
+        """Effective masks as boolean tensors, computed from the mask variables.
+
+        Unlike `masks` this returns backend tensors and can be called inside a
+        compiled step (on JAX, inside a `keras.StatelessScope` that maps
+        `optimizer.variables` to their current values).
+
+        Returns:
+            A dict: family name -> boolean tensor of shape `(num_modules,)`,
+            True for modules that the next step updates (`mask` and not
+            `frozen`).
+        """
+        self._check_built("active_masks")
+        keep = self._keep_from_values(
+            [s["mask"] for s in self._state_list], [s["frozen"] for s in self._state_list]
+        )
+        return {g.name: k for g, k in zip(self.families, keep)}
+
+    def _blend(self, keep, plan, new_values, old_values):
+        out = []
+        for p, new, old in zip(plan, new_values, old_values):
+            if p is None or old is None:
+                out.append(new)
+                continue
+            i, axis = p
+            new = ops.convert_to_tensor(new)
+            cond = _mask_condition(keep[i], axis, self._family_sizes[i], tuple(new.shape))
+            out.append(ops.where(cond, new, ops.convert_to_tensor(old, dtype=new.dtype)))
+        return out
+
+    def apply(self, grads, trainable_variables=None):
+        # Build first (TensorFlow builds lazily inside the first apply).
+        if not self.built:
+            with keras_backend.name_scope(self.name, caller=self):
+                self.build(trainable_variables)
+            self.built = True
+        if not self.families:
+            self.inner_optimizer.apply(grads, trainable_variables)
+            return
+        keep = self._keep_from_values(
+            [s["mask"].value for s in self._state_list], [s["frozen"].value for s in self._state_list]
+        )
+        tvars = self._trainable_variables
+        ivars = self.inner_optimizer.variables
+        # Snapshot (a real copy: torch fused optimizers update in place).
+        old_t = [None if p is None else ops.copy(v.value) for p, v in zip(self._trainable_plan, tvars)]
+        old_i = [None if p is None else ops.copy(v.value) for p, v in zip(self._inner_plan, ivars)]
+        self.inner_optimizer.apply(grads, trainable_variables)
+        for plan, variables, olds in ((self._trainable_plan, tvars, old_t), (self._inner_plan, ivars, old_i)):
+            for p, v, old in zip(plan, variables, olds):
+                if p is None:
+                    continue
+                i, axis = p
+                new = v.value
+                cond = _mask_condition(keep[i], axis, self._family_sizes[i], tuple(v.shape))
+                v.assign(ops.where(cond, new, old))
+
+    def stateless_apply(self, optimizer_variables, grads, trainable_variables):
+        if not self.built:
+            raise ValueError(
+                f"To call `stateless_apply`, {self.__class__.__name__} must be built (i.e. its "
+                "variables must have been created). You can build it via "
+                "`optimizer.build(trainable_variables)`."
+            )
+        optimizer_variables = list(optimizer_variables)
+        if len(optimizer_variables) != len(self.variables):
+            raise ValueError(
+                "Argument `optimizer_variables` must be a list of tensors corresponding 1:1 to "
+                f"{self.__class__.__name__}().variables. Received list with length "
+                f"{len(optimizer_variables)}, but expected {len(self.variables)} variables."
+            )
+        n_own = len(self._variables)
+        own_values = optimizer_variables[:n_own]
+        inner_values = optimizer_variables[n_own:]
+        trainable_variables = list(trainable_variables)
+        new_t, new_i = self.inner_optimizer.stateless_apply(inner_values, grads, trainable_variables)
+        if self.families:
+            position = {id(v): k for k, v in enumerate(self._variables)}
+            masks = [own_values[position[id(s["mask"])]] for s in self._state_list]
+            frozen = [own_values[position[id(s["frozen"])]] for s in self._state_list]
+            keep = self._keep_from_values(
+                [ops.convert_to_tensor(m) for m in masks], [ops.convert_to_tensor(f) for f in frozen]
+            )
+            new_t = self._blend(keep, self._trainable_plan, new_t, trainable_variables)
+            new_i = self._blend(keep, self._inner_plan, new_i, inner_values)
+        return list(new_t), list(own_values) + list(new_i)
+
+    # ----------------------------------------------------------------------------------
+    # Delegation
+    # ----------------------------------------------------------------------------------
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        self.inner_optimizer.learning_rate = learning_rate
+
+    @property
+    def iterations(self):
+        return self.inner_optimizer.iterations
+
+    def scale_loss(self, loss):
+        return self.inner_optimizer.scale_loss(loss)
+
+    def finalize_variable_values(self, var_list):
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+    # ----------------------------------------------------------------------------------
+    # Public state
+    # ----------------------------------------------------------------------------------
+
+    def _check_built(self, what):
+        if not self.built:
+            raise ValueError(
+                f"`{what}` needs a built optimizer: call `optimizer.build(model.trainable_variables)` "
+                f"or train one step first. Received: optimizer={self.name!r} (not built)"
+            )
+
+    @property
+    def masks(self):
+        """Effective masks: family name -> boolean numpy array, True = updated.
+
+        A module is updated when its `mask` is 1 and it is not `frozen`.
+
+        On JAX, inside `model.fit` Keras keeps the state outside the
+        variables between steps: call `model.jax_state_sync()` before reading
+        this from a callback.
+        """
+        self._check_built("masks")
+        return {
+            g.name: (np.asarray(s["mask"].numpy()) > 0.5) & (np.asarray(s["frozen"].numpy()) < 0.5)
+            for g, s in zip(self.families, self._state_list)
+        }
+
+    @property
+    def frozen(self):
+        """Permanently stopped modules: family name -> boolean numpy array."""
+        self._check_built("frozen")
+        return {
+            g.name: np.asarray(s["frozen"].numpy()) > 0.5 for g, s in zip(self.families, self._state_list)
+        }
+
+    @property
+    def lambda_max(self):
+        """Last measured `lambda_max`: family name -> float32 numpy array."""
+        self._check_built("lambda_max")
+        return {
+            g.name: np.asarray(s["lambda_max"].numpy(), dtype="float32")
+            for g, s in zip(self.families, self._state_list)
+        }
+
+    def set_masks(self, masks):
+        """Sets the update masks of some families.
+
+        On JAX, inside `model.fit` Keras keeps the state outside the
+        variables between steps: call `model.jax_state_sync()` before calling
+        this from a callback, otherwise the assignment is silently lost.
+
+        Args:
+            masks: A dict: family name -> boolean array-like of shape
+                `(num_modules,)`, True for modules to update. Families not
+                listed keep their masks. Frozen modules stay frozen.
+
+        Raises:
+            ValueError: on an unknown family name, a wrong shape or values
+                other than 0/1, or if the optimizer is not built.
+
+        Example:
+
+        >>> opt.set_masks({"mha/heads": [True, False]})
+        """
+        self._check_built("set_masks")
+        if not isinstance(masks, dict):
+            raise ValueError(
+                f"`masks` must be a dict: family name -> boolean array. Received: masks={masks!r}"
+            )
+        checked = {}
+        for name, value in masks.items():
+            if name not in self.mat_state:
+                raise ValueError(
+                    f"Unknown module family {name!r}; known families: {sorted(self.mat_state)}. "
+                    f"Received: masks keys={sorted(masks)}"
+                )
+            array = np.asarray(value)
+            size = self.mat_state[name]["mask"].shape[0]
+            if array.shape != (size,):
+                raise ValueError(
+                    f"The mask of family {name!r} must have shape ({size},). "
+                    f"Received: masks[{name!r}] of shape {array.shape}"
+                )
+            if array.dtype != bool:
+                if not np.issubdtype(array.dtype, np.number) or not np.all((array == 0) | (array == 1)):
+                    raise ValueError(
+                        f"The mask of family {name!r} must be boolean (or 0/1). "
+                        f"Received: masks[{name!r}]={value!r}"
+                    )
+            checked[name] = array.astype("float32")
+        for name, array in checked.items():
+            self.mat_state[name]["mask"].assign(array)
+
+    # ----------------------------------------------------------------------------------
+    # Serialisation
+    # ----------------------------------------------------------------------------------
+
+    def _families_spec(self):
+        if self.built:
+            return [
+                {
+                    "name": g.name,
+                    "kind": g.kind,
+                    "num_modules": g.num_modules,
+                    "variables": [[v.path, axis] for v, axis in zip(g.variables, g.axes)],
+                }
+                for g in self.families
+            ]
+        return self._families_config
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "inner_optimizer": keras.optimizers.serialize(self.inner_optimizer),
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "probe_every": self.probe_every,
+            "probe_samples": self.probe_samples,
+            "warmup": self.warmup,
+            "ntk_output": self.ntk_output,
+            "threshold_scope": self.threshold_scope,
+            "policy": self.policy,
+            "probe": self.probe,
+            "families": self._families_spec(),
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        inner = keras.optimizers.deserialize(config.pop("inner_optimizer"), custom_objects=custom_objects)
+        return cls(inner, **config)
+
+
+def wrap(optimizer, **options):
+    """Wraps `optimizer` for Modular Adaptive Training.
+
+    Args:
+        optimizer: A fresh `keras.optimizers.Optimizer`.
+        **options: Options of `ModularAdaptiveOptimizer` (`alpha`, `beta`,
+            `probe_every`, `probe_samples`, `warmup`, `ntk_output`,
+            `threshold_scope`, `policy`, `probe`, `name`).
+
+    Returns:
+        A `ModularAdaptiveOptimizer` around `optimizer`.
+
+    Raises:
+        TypeError: if `optimizer` is not a Keras optimizer.
+        ValueError: if an option is invalid.
+
+    Example:
+
+    >>> opt = wrap(keras.optimizers.AdamW(1e-3), alpha=0.3, probe_every=50)
+    """
+    return ModularAdaptiveOptimizer(optimizer, **options)
