@@ -1,7 +1,7 @@
 """keras_mat: Modular Adaptive Training for Keras 3 (JAX, TensorFlow, PyTorch)."""
 
 from keras_mat.groups import ModuleGroup, annotate, discover_groups, get_groups
-# ntk: pending
+from keras_mat.ntk import module_lambda_max
 from keras_mat.version import __version__
 
 __all__ = [
@@ -10,5 +10,6 @@ __all__ = [
     "annotate",
     "discover_groups",
     "get_groups",
+    "module_lambda_max",
 
 ]

@@ -1,0 +1,36 @@
+"""The one place that reads `keras.config.backend()`.
+
+Every backend module exposes the same small set of functions:
+
+- `per_sample_jacobians(fn, probe_values, x, y)`: for a pure single-sample
+  function `fn(probe_values, x_i, y_i) -> (k,)`, the Jacobian of every sample's
+  k outputs with respect to each probed value, as a list of arrays shaped
+  `(n, k, *value.shape)`, in one vectorized pass where the backend allows.
+- `compile_probe(fn, xla)`: wraps a pure function for repeated calls
+  (`jax.jit`, `tf.function`, identity on torch).
+- `vjp(fn, values)` / `jvp(fn, values, tangents)`: reverse and forward
+  products of a batched function, for the matrix-free method.
+- `scalar_grad(fn, values)`: plain gradient of a scalar function (used by the
+  slow reference only).
+"""
+
+import importlib
+
+import keras
+
+_SUPPORTED = ("jax", "tensorflow", "torch")
+
+
+def name():
+    """The active Keras backend name."""
+    return keras.config.backend()
+
+
+def get():
+    """The keras_mat kernel module of the active Keras backend."""
+    backend = keras.config.backend()
+    if backend not in _SUPPORTED:
+        raise NotImplementedError(
+            f"keras_mat supports the Keras backends {_SUPPORTED}. Received: backend={backend!r}"
+        )
+    return importlib.import_module(f"keras_mat.backends.{backend}")

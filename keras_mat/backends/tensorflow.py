@@ -1,0 +1,77 @@
+"""TensorFlow kernels: `tf.vectorized_map` over a per-sample `GradientTape`.
+
+Why not `tape.jacobian` of the batch: it costs O(n^2) (11-17x a train step
+at n=32, backend-notes section 5). `vectorized_map` without XLA crashes on
+attention models while oneDNN is on, so `ntk.py` asks for XLA except on
+pure convolution models, where XLA makes per-sample conv gradients 10-40x
+slower and graph mode is both safe and fast.
+"""
+
+import tensorflow as tf
+
+
+def _rows(fn, probe_values, xi, yi):
+    with tf.GradientTape(persistent=True) as tape:
+        # A per-iteration copy: inside `vectorized_map` the tape does not
+        # connect gradients to loop-invariant captured tensors (all zeros).
+        local = [tf.identity(v) for v in probe_values]
+        tape.watch(local)
+        # Rows are sliced inside the tape: a slice taken after it is unrecorded.
+        outs = tf.unstack(fn(local, xi, yi))
+    rows = [tape.gradient(o, local, unconnected_gradients=tf.UnconnectedGradients.ZERO) for o in outs]
+    return [tf.stack([r[i] for r in rows]) for i in range(len(probe_values))]
+
+
+def per_sample_jacobians(fn, probe_values, x, y):
+    probe_values = [tf.convert_to_tensor(v) for v in probe_values]
+    return tf.vectorized_map(
+        lambda args: _rows(fn, probe_values, args[0], args[1]), (x, y), fallback_to_while_loop=True
+    )
+
+
+def per_sample_jacobians_loop(fn, probe_values, x, y):
+    """Unrolled per-sample fallback (slow to trace, but composes with any op)."""
+    probe_values = [tf.convert_to_tensor(v) for v in probe_values]
+    n = tf.nest.flatten(x)[0].shape[0]
+    per = [
+        _rows(fn, probe_values, tf.nest.map_structure(lambda t, i=i: t[i], x), tf.nest.map_structure(lambda t, i=i: t[i], y))
+        for i in range(n)
+    ]
+    return [tf.stack([p[v] for p in per]) for v in range(len(probe_values))]
+
+
+def compile_probe(fn, xla=True):
+    return tf.function(fn, jit_compile=xla, reduce_retracing=True)
+
+
+def vjp(fn, values):
+    values = [tf.convert_to_tensor(v) for v in values]
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(values)
+        out = fn(values)
+
+    def pullback(u):
+        return tape.gradient(
+            out, values, output_gradients=u, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
+
+    return out, pullback
+
+
+def jvp(fn, values, tangents):
+    values = [tf.convert_to_tensor(v) for v in values]
+    with tf.autodiff.ForwardAccumulator(values, list(tangents)) as acc:
+        out = fn(values)
+    return acc.jvp(out, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+
+def scalar_grad(fn, values):
+    values = [tf.convert_to_tensor(v) for v in values]
+    with tf.GradientTape() as tape:
+        tape.watch(values)
+        out = fn(values)
+    return tape.gradient(out, values, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+
+def to_numpy(x):
+    return x.numpy()

@@ -1,0 +1,93 @@
+"""PyTorch kernels: `torch.func.vmap(torch.func.jacrev(f))` through Keras's
+`stateless_call`, with a per-sample autograd loop as the clean fallback.
+
+Why never `torch.func.functional_call`: Keras layers read their own
+`Variable` values, so swapping the module's registered parameters silently
+gives all-zero gradients (backend-notes section 3). Layers that do not compose
+with functorch (`one_hot`'s data-dependent check, Keras's channels-last conv
+clone, custom-gradient ops without `setup_context`) raise inside `vmap`; the
+loop then computes the same rows one sample at a time.
+"""
+
+import contextlib
+import warnings
+
+import torch
+from keras import tree
+
+_fallback_warned = set()
+
+
+def _detached(values):
+    return [v.detach() if isinstance(v, torch.Tensor) else torch.as_tensor(v) for v in values]
+
+
+def _math_sdpa():
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.MATH])
+    except Exception:  # older torch: nothing to select
+        return contextlib.nullcontext()
+
+
+def per_sample_jacobians(fn, probe_values, x, y, key=None):
+    probe_values = _detached(probe_values)
+    try:
+        with _math_sdpa():
+            jac = torch.func.vmap(torch.func.jacrev(fn), in_dims=(None, 0, 0))(probe_values, x, y)
+        return list(jac)
+    except (RuntimeError, NotImplementedError, TypeError) as err:
+        if key not in _fallback_warned:
+            _fallback_warned.add(key)
+            warnings.warn(
+                "keras_mat: torch.func.vmap does not compose with a layer of this model "
+                f"({type(err).__name__}: {str(err).splitlines()[0][:160]}); computing per-sample "
+                "Jacobians with a per-sample autograd loop instead (same values, slower).",
+                stacklevel=3,
+            )
+        return per_sample_jacobians_loop(fn, probe_values, x, y)
+
+
+def per_sample_jacobians_loop(fn, probe_values, x, y):
+    probe_values = [v.detach().requires_grad_(True) for v in _detached(probe_values)]
+    n = tree.flatten(x)[0].shape[0]
+    per_sample = []
+    for i in range(n):
+        xi = tree.map_structure(lambda t, i=i: t[i], x)
+        yi = tree.map_structure(lambda t, i=i: t[i], y)
+        out = fn(probe_values, xi, yi)
+        rows = []
+        for j in range(out.shape[0]):
+            grads = torch.autograd.grad(out[j], probe_values, retain_graph=True, allow_unused=True)
+            rows.append([torch.zeros_like(v) if g is None else g for g, v in zip(grads, probe_values)])
+        per_sample.append([torch.stack([r[v] for r in rows]) for v in range(len(probe_values))])
+    return [torch.stack([p[v] for p in per_sample]).detach() for v in range(len(probe_values))]
+
+
+def compile_probe(fn, xla=True):
+    del xla
+    return fn
+
+
+def vjp(fn, values):
+    with _math_sdpa():
+        out, pullback = torch.func.vjp(fn, _detached(values))
+    return out.detach(), lambda u: [g.detach() for g in pullback(u)[0]]
+
+
+def jvp(fn, values, tangents):
+    with _math_sdpa():
+        _, tangent_out = torch.func.jvp(fn, (_detached(values),), (list(tangents),))
+    return tangent_out.detach()
+
+
+def scalar_grad(fn, values):
+    values = [v.detach().requires_grad_(True) for v in _detached(values)]
+    out = fn(values)
+    grads = torch.autograd.grad(out, values, allow_unused=True)
+    return [torch.zeros_like(v) if g is None else g for g, v in zip(grads, values)]
+
+
+def to_numpy(x):
+    return x.detach().cpu().numpy()
