@@ -1,0 +1,509 @@
+"""The modular and temporal policies of MAT as pure functions of tensors.
+
+Everything that runs per measurement is written with `keras.ops` only: no
+Python branch on a tensor value, no numpy, no data-dependent shape. The same
+code therefore runs in eager mode, inside `jax.jit`, inside a `tf.function`
+(with or without `jit_compile=True`) and in eager torch. Only the *structure*
+(number of families, their sizes, their threshold scopes, `alpha`, `beta`,
+`warmup`, `eps`) is static Python.
+
+State is kept per module family: one float32 vector of length `G` (the
+family's number of modules) per quantity, and all families are processed
+together as lists (see `PolicyState`). Families that share a scope id share
+one threshold (see `scope_ids`).
+
+One measurement `r` (`policy_update`) does, in this order:
+
+1. **Finite guard.** If any measured `lambda_max` is NaN or inf, the whole
+   update is a no-op: the input state is returned unchanged, including the
+   masks and the measurement counter (so the next good measurement takes this
+   one's place). `all_finite` exposes the same flag so an eager caller can
+   raise instead.
+2. **Temporal policy** (`temporal_stop`). `Delta(r) = |lambda(r) -
+   lambda_init|`. At `r = 0`, `lambda_init := lambda(0)`; at `r = 1`,
+   `delta_first := Delta(1)`. An alive module that was updated during the last
+   interval is frozen *permanently* when `r >= max(2, warmup)` and
+   `|Delta(r) - delta_prev| / max(delta_first, eps) < beta`. Then
+   `delta_prev := Delta(r)` for every module. Warm-up suppresses temporal
+   stopping on purpose: "every module is updated until measurement `warmup`"
+   would otherwise be violated.
+3. **Modular policy** (`modular_masks`), on the modules still alive after
+   step 2: per scope, `threshold = lmin + alpha * (lmax - lmin)` over the
+   alive modules of the scope, and `mask = alive & (lambda >= threshold)`.
+   Ties are updated. While `r < warmup` the mask is every alive module.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from keras import ops
+
+from keras_mat.groups import KINDS
+
+THRESHOLD_SCOPES = ("auto", "global", "per_layer")
+
+
+class PolicyState(NamedTuple):
+    """The MAT policy state: one float32 vector (G,) per family, and a counter.
+
+    A `NamedTuple`, hence a pytree for JAX and a nested structure for
+    `tf.function`; `policy_update` returns the same structure it takes.
+
+    Attributes:
+        masks: List of float32 (G,) tensors: 1.0 where the module is updated
+            during the coming interval. As an *input* to `policy_update` this
+            is the mask that was in force during the last interval (the
+            "updated" set of the temporal policy).
+        frozen: List of float32 (G,) tensors: 1.0 where the module is stopped
+            permanently.
+        lambda_init: List of float32 (G,) tensors: `lambda_max` at `r = 0`.
+        delta_prev: List of float32 (G,) tensors: `Delta(r - 1)`.
+        delta_first: List of float32 (G,) tensors: `Delta(1)`.
+        measurement: int32 scalar tensor: the index `r` of the *next*
+            measurement (0 before the first one).
+    """
+
+    masks: list
+    frozen: list
+    lambda_init: list
+    delta_prev: list
+    delta_first: list
+    measurement: Any
+
+
+# --------------------------------------------------------------------------------------
+# Static validation (plain Python, for constructors)
+# --------------------------------------------------------------------------------------
+
+
+def _is_real(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_alpha(alpha):
+    """Validates the modular-policy threshold `alpha`.
+
+    Args:
+        alpha: A real number in `[0, 1)`.
+
+    Returns:
+        `alpha` as a Python float.
+
+    Raises:
+        ValueError: if `alpha` is not a finite real number in `[0, 1)`.
+
+    Example:
+
+    >>> check_alpha(0.5)
+    0.5
+    """
+    if not _is_real(alpha) or not 0.0 <= alpha < 1.0:
+        raise ValueError(
+            "`alpha` must be a real number in [0, 1); alpha=0 updates every alive "
+            f"module. Received: alpha={alpha!r}"
+        )
+    return float(alpha)
+
+
+def check_beta(beta):
+    """Validates the temporal-policy tolerance `beta`.
+
+    Args:
+        beta: A finite real number `> 0`.
+
+    Returns:
+        `beta` as a Python float.
+
+    Raises:
+        ValueError: if `beta` is not a finite real number `> 0`.
+
+    Example:
+
+    >>> check_beta(1e-3)
+    0.001
+    """
+    if not _is_real(beta) or not beta > 0.0:
+        raise ValueError(f"`beta` must be a finite real number > 0. Received: beta={beta!r}")
+    return float(beta)
+
+
+def check_warmup(warmup):
+    """Validates `warmup`, the number of measurements during which all modules train.
+
+    Args:
+        warmup: An int `>= 0`. Every alive module is updated while the
+            measurement index `r < warmup`; `warmup=0` applies the modular
+            policy from the first measurement.
+
+    Returns:
+        `warmup` as a Python int.
+
+    Raises:
+        ValueError: if `warmup` is not an int `>= 0`.
+
+    Example:
+
+    >>> check_warmup(1)
+    1
+    """
+    if not isinstance(warmup, numbers.Integral) or isinstance(warmup, bool) or warmup < 0:
+        raise ValueError(f"`warmup` must be an int >= 0. Received: warmup={warmup!r}")
+    return int(warmup)
+
+
+def scope_ids(kinds, threshold_scope="auto"):
+    """Maps family kinds to threshold scope ids (families with equal ids share a threshold).
+
+    - `"auto"` (the paper's choice, extended): every `"head"` and `"expert"`
+      family shares one global scope; every `"filter"` family is its own scope
+      (per layer); every `"layer"` family (one module per layer) shares one
+      scope with the other layer families, because a scope of a single module
+      would always be updated; every `"custom"` family is its own scope.
+    - `"global"`: every family, whatever its kind, shares one scope.
+    - `"per_layer"`: every family is its own scope (a family of a single
+      module is then never masked by the modular policy, only stopped by the
+      temporal one).
+
+    Ids are contiguous ints starting at 0, in order of first appearance.
+
+    Args:
+        kinds: Sequence of family kinds, each one of `"head"`, `"filter"`,
+            `"expert"`, `"layer"`, `"custom"`.
+        threshold_scope: One of `"auto"`, `"global"`, `"per_layer"`.
+
+    Returns:
+        A list of ints, one per family.
+
+    Raises:
+        ValueError: on an unknown `threshold_scope` or kind.
+
+    Example:
+
+    >>> scope_ids(["head", "filter", "head", "filter", "layer", "layer"])
+    [0, 1, 0, 2, 3, 3]
+    """
+    if threshold_scope not in THRESHOLD_SCOPES:
+        raise ValueError(
+            f"`threshold_scope` must be one of {THRESHOLD_SCOPES}. Received: threshold_scope={threshold_scope!r}"
+        )
+    kinds = list(kinds)
+    for kind in kinds:
+        if kind not in KINDS:
+            raise ValueError(f"Every entry of `kinds` must be one of {KINDS}. Received: kinds={kinds!r}")
+    if threshold_scope == "global":
+        return [0] * len(kinds)
+    if threshold_scope == "per_layer":
+        return list(range(len(kinds)))
+    ids, shared = [], {}
+    next_id = 0
+    for kind in kinds:
+        key = {"head": "global", "expert": "global", "layer": "layer"}.get(kind)
+        if key is not None and key in shared:
+            ids.append(shared[key])
+            continue
+        if key is not None:
+            shared[key] = next_id
+        ids.append(next_id)
+        next_id += 1
+    return ids
+
+
+# --------------------------------------------------------------------------------------
+# Pure tensor functions
+# --------------------------------------------------------------------------------------
+
+
+def _float_list(values, name):
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"`{name}` must be a list with one tensor per family. Received: {name}={values!r}")
+    return [ops.cast(v, "float32") for v in values]
+
+
+def _check_lengths(n, **lists):
+    for name, values in lists.items():
+        if len(values) != n:
+            raise ValueError(
+                f"`{name}` must have one entry per family ({n} families). Received: len({name})={len(values)}"
+            )
+
+
+def initial_state(num_modules):
+    """Builds the policy state before the first measurement.
+
+    Masks are all ones (every module trains until the first measurement), no
+    module is frozen, the temporal quantities are zero and the measurement
+    counter is 0.
+
+    Args:
+        num_modules: Sequence of ints, the number of modules of each family.
+
+    Returns:
+        A `PolicyState`.
+
+    Example:
+
+    >>> state = initial_state([4, 2])
+    >>> [tuple(m.shape) for m in state.masks]
+    [(4,), (2,)]
+    """
+    sizes = [int(g) for g in num_modules]
+    return PolicyState(
+        masks=[ops.ones((g,), "float32") for g in sizes],
+        frozen=[ops.zeros((g,), "float32") for g in sizes],
+        lambda_init=[ops.zeros((g,), "float32") for g in sizes],
+        delta_prev=[ops.zeros((g,), "float32") for g in sizes],
+        delta_first=[ops.zeros((g,), "float32") for g in sizes],
+        measurement=ops.convert_to_tensor(0, "int32"),
+    )
+
+
+def all_finite(lambda_max):
+    """Returns a scalar boolean tensor: is every measured `lambda_max` finite?
+
+    Args:
+        lambda_max: List of tensors, one per family.
+
+    Returns:
+        A scalar boolean tensor, `False` if any entry is NaN or +-inf.
+
+    Example:
+
+    >>> bool(all_finite([ops.ones((3,)), ops.zeros((2,))]))
+    True
+    """
+    flags = [ops.all(ops.isfinite(ops.cast(v, "float32"))) for v in lambda_max]
+    result = ops.convert_to_tensor(True)
+    for flag in flags:
+        result = ops.logical_and(result, flag)
+    return result
+
+
+def modular_masks(lambda_max, frozen, alpha, scopes):
+    """The modular policy: masks of the modules above each scope's threshold.
+
+    For each scope (the families sharing a scope id), with `lmin`/`lmax` the
+    smallest/largest `lambda_max` over the *alive* modules (`frozen == 0`) of
+    the scope, `threshold = lmin + alpha * (lmax - lmin)` and a module is
+    updated iff it is alive and `lambda_max >= threshold` (ties are updated).
+    `alpha = 0` and all-equal lambdas update every alive module; the module
+    with the largest lambda is always updated (the threshold is clipped at
+    `lmax` against rounding). A scope without alive modules yields zero masks
+    and no NaN.
+
+    Args:
+        lambda_max: List of float (G,) tensors, one per family. Must be finite
+            (see `all_finite`).
+        frozen: List of float (G,) tensors, 1.0 where the module is stopped.
+        alpha: Threshold in `[0, 1)` (a float or a scalar tensor).
+        scopes: Static list of scope ids, one per family (see `scope_ids`).
+
+    Returns:
+        A list of float32 (G,) masks, one per family.
+
+    Example:
+
+    >>> masks = modular_masks([ops.array([1.0, 2.0, 3.0])], [ops.zeros((3,))],
+    ...                       alpha=0.5, scopes=[0])
+    >>> ops.convert_to_numpy(masks[0]).tolist()
+    [0.0, 1.0, 1.0]
+    """
+    lambda_max = _float_list(lambda_max, "lambda_max")
+    frozen = _float_list(frozen, "frozen")
+    scopes = list(scopes)
+    _check_lengths(len(lambda_max), frozen=frozen, scopes=scopes)
+    alpha = ops.cast(alpha, "float32")
+    alive = [f <= 0.0 for f in frozen]
+    thresholds = {}
+    for scope in dict.fromkeys(scopes):
+        members = [i for i, s in enumerate(scopes) if s == scope]
+        lam = ops.concatenate([lambda_max[i] for i in members], axis=0)
+        live = ops.concatenate([alive[i] for i in members], axis=0)
+        any_alive = ops.any(live)
+        # +-inf fills keep frozen modules out of min/max; the `where` on
+        # `any_alive` keeps inf - inf = NaN out of an empty scope.
+        lmin = ops.min(ops.where(live, lam, float("inf")))
+        lmax = ops.max(ops.where(live, lam, float("-inf")))
+        lmin = ops.where(any_alive, lmin, 0.0)
+        lmax = ops.where(any_alive, lmax, 0.0)
+        thresholds[scope] = ops.minimum(lmin + alpha * (lmax - lmin), lmax)
+    return [
+        ops.cast(ops.logical_and(alive[i], lambda_max[i] >= thresholds[s]), "float32")
+        for i, s in enumerate(scopes)
+    ]
+
+
+def temporal_stop(lambda_max, state, beta, warmup=1, eps=1e-12):
+    """The temporal policy: permanent stopping of modules whose mNTK stopped moving.
+
+    With `r = state.measurement` and `Delta(r) = |lambda_max - lambda_init|`:
+    at `r = 0`, `lambda_init := lambda_max`; at `r = 1`,
+    `delta_first := Delta(1)`. A module is frozen when
+    `r >= max(2, warmup)`, it was updated during the last interval
+    (`state.masks == 1`) and
+    `|Delta(r) - delta_prev| / max(delta_first, eps) < beta`. Frozen modules
+    never unfreeze. Finally `delta_prev := Delta(r)` for every module.
+
+    Args:
+        lambda_max: List of float (G,) tensors, one per family. Must be finite.
+        state: The `PolicyState` before this measurement.
+        beta: Tolerance `> 0` (a float or a scalar tensor).
+        warmup: Int; no temporal stopping while `r < max(2, warmup)`.
+        eps: Floor of the `delta_first` denominator.
+
+    Returns:
+        A tuple `(frozen, lambda_init, delta_prev, delta_first)` of lists of
+        float32 (G,) tensors.
+
+    Example:
+
+    >>> state = initial_state([2])
+    >>> frozen, *_ = temporal_stop([ops.array([1.0, 2.0])], state, beta=0.1)
+    >>> ops.convert_to_numpy(frozen[0]).tolist()
+    [0.0, 0.0]
+    """
+    lambda_max = _float_list(lambda_max, "lambda_max")
+    n = len(lambda_max)
+    updated = _float_list(state.masks, "state.masks")
+    frozen = _float_list(state.frozen, "state.frozen")
+    lambda_init = _float_list(state.lambda_init, "state.lambda_init")
+    delta_prev = _float_list(state.delta_prev, "state.delta_prev")
+    delta_first = _float_list(state.delta_first, "state.delta_first")
+    _check_lengths(
+        n,
+        masks=updated,
+        frozen=frozen,
+        lambda_init=lambda_init,
+        delta_prev=delta_prev,
+        delta_first=delta_first,
+    )
+    r = ops.cast(state.measurement, "int32")
+    beta = ops.cast(beta, "float32")
+    is_first = ops.equal(r, 0)
+    is_second = ops.equal(r, 1)
+    may_stop = ops.greater_equal(r, ops.maximum(ops.cast(warmup, "int32"), 2))
+    out = ([], [], [], [])
+    for i in range(n):
+        init = ops.where(is_first, lambda_max[i], lambda_init[i])
+        delta = ops.abs(lambda_max[i] - init)
+        first = ops.where(is_second, delta, delta_first[i])
+        change = ops.abs(delta - delta_prev[i]) / ops.maximum(first, eps)
+        stop = ops.logical_and(ops.logical_and(may_stop, updated[i] > 0.0), change < beta)
+        out[0].append(ops.where(stop, 1.0, frozen[i]))
+        out[1].append(init)
+        out[2].append(delta)
+        out[3].append(first)
+    return out
+
+
+def policy_update(lambda_max, state, alpha, beta, scopes, warmup=1, eps=1e-12):
+    """One MAT measurement: temporal stopping, then the modular masks.
+
+    Pure and trace-safe (see the module docstring). If any `lambda_max` is
+    non-finite the update is a no-op: `state` is returned unchanged, masks and
+    measurement counter included; check `all_finite` in eager code to raise.
+
+    Args:
+        lambda_max: List of float (G,) tensors, the current `lambda_max` of
+            every module of each family.
+        state: The `PolicyState` before this measurement (`state.masks` are
+            the masks that were in force during the last interval). Start from
+            `initial_state`.
+        alpha: Modular threshold in `[0, 1)`.
+        beta: Temporal tolerance `> 0`.
+        scopes: Static list of threshold scope ids, one per family (see
+            `scope_ids`).
+        warmup: Static int `>= 0`: every alive module is updated while
+            `r < warmup`, and no module is stopped while `r < max(2, warmup)`.
+        eps: Floor of the `delta_first` denominator.
+
+    Returns:
+        The new `PolicyState`: `(masks, frozen, lambda_init, delta_prev,
+        delta_first, measurement)` with `measurement = r + 1`.
+
+    Example:
+
+    >>> state = initial_state([3])
+    >>> state = policy_update([ops.array([1.0, 2.0, 3.0])], state,
+    ...                       alpha=0.5, beta=0.1, scopes=[0], warmup=0)
+    >>> ops.convert_to_numpy(state.masks[0]).tolist()
+    [0.0, 1.0, 1.0]
+    """
+    lambda_max = _float_list(lambda_max, "lambda_max")
+    ok = all_finite(lambda_max)
+    # Non-finite entries are zeroed before any arithmetic so that nothing
+    # non-finite is ever computed, even in the branch `ok` discards.
+    safe = [ops.where(ops.isfinite(v), v, 0.0) for v in lambda_max]
+    frozen, lambda_init, delta_prev, delta_first = temporal_stop(safe, state, beta, warmup=warmup, eps=eps)
+    masks = modular_masks(safe, frozen, alpha, scopes)
+    r = ops.cast(state.measurement, "int32")
+    in_warmup = ops.less(r, ops.cast(warmup, "int32"))
+    masks = [ops.where(in_warmup, 1.0 - f, m) for f, m in zip(frozen, masks)]
+    new = PolicyState(masks, frozen, lambda_init, delta_prev, delta_first, r + 1)
+    old = PolicyState(
+        _float_list(state.masks, "state.masks"),
+        _float_list(state.frozen, "state.frozen"),
+        _float_list(state.lambda_init, "state.lambda_init"),
+        _float_list(state.delta_prev, "state.delta_prev"),
+        _float_list(state.delta_first, "state.delta_first"),
+        r,
+    )
+    return PolicyState(
+        *(
+            [ops.where(ok, n, o) for n, o in zip(new_list, old_list)]
+            for new_list, old_list in zip(new[:5], old[:5])
+        ),
+        ops.where(ok, new.measurement, old.measurement),
+    )
+
+
+def expand_mask(mask, shape, axis):
+    """Broadcasts a family mask (G,) onto one of the family's variables.
+
+    Module `i` owns the `i`-th of `G` contiguous blocks of size `S / G` along
+    `axis` (size `S`), so the mask is repeated `S / G` times along that axis
+    and reshaped to rank `len(shape)` with 1 elsewhere.
+
+    Args:
+        mask: A (G,) tensor.
+        shape: Static shape (tuple of ints) of the variable.
+        axis: The module axis (negative allowed), or `None` when the variable
+            belongs whole to the only module (`G == 1`).
+
+    Returns:
+        A tensor broadcastable to `shape`: `S` along `axis`, 1 elsewhere.
+
+    Raises:
+        ValueError: if `G` does not divide `S`, or `axis=None` with `G != 1`.
+
+    Example:
+
+    >>> m = expand_mask(ops.array([1.0, 0.0]), (3, 4), axis=1)
+    >>> ops.convert_to_numpy(m).tolist()
+    [[1.0, 1.0, 0.0, 0.0]]
+    """
+    shape = tuple(int(d) for d in shape)
+    rank = len(shape)
+    num_modules = int(mask.shape[0])
+    if axis is None:
+        if num_modules != 1:
+            raise ValueError(
+                f"`axis=None` (whole variable) needs a mask of one module. Received: mask.shape={tuple(mask.shape)}"
+            )
+        return ops.reshape(mask, (1,) * rank)
+    if not -rank <= axis < rank:
+        raise ValueError(f"`axis` out of range for shape {shape}. Received: axis={axis}")
+    axis = axis % rank
+    size = shape[axis]
+    if size % num_modules:
+        raise ValueError(
+            f"The number of modules ({num_modules}) must divide axis {axis} of shape {shape}. "
+            f"Received: mask.shape={tuple(mask.shape)}"
+        )
+    repeated = ops.repeat(mask, size // num_modules, axis=0) if size != num_modules else mask
+    target = [1] * rank
+    target[axis] = size
+    return ops.reshape(repeated, tuple(target))
