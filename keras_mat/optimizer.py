@@ -331,13 +331,15 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         if self.built:
             return
         var_list = list(var_list)
-        self._mat_build(var_list)
+        families = self._resolve_families(var_list)
+        # Outside `no_automatic_dependency_tracking`: inner optimizers (Nadam,
+        # Adafactor) rely on attribute tracking to register their variables.
+        slot_owner = self._build_inner(var_list)
+        self._mat_build(var_list, families, slot_owner)
         super().build(var_list)
 
     @tracking.no_automatic_dependency_tracking
-    def _mat_build(self, var_list):
-        families = self._resolve_families(var_list)
-        slot_owner = self._build_inner(var_list)
+    def _mat_build(self, var_list, families, slot_owner):
         family_index = {id(g): i for i, g in enumerate(families)}
 
         def plan_for(variable, owner):
@@ -494,7 +496,10 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
             )
             new_t = self._blend(keep, self._trainable_plan, new_t, trainable_variables)
             new_i = self._blend(keep, self._inner_plan, new_i, inner_values)
-        return list(new_t), list(own_values) + list(new_i)
+        # Values may be Variables when a LossScaleOptimizer nests the wrapper
+        # (it passes `inner_optimizer.variables` inside its StatelessScope).
+        own_values = [ops.convert_to_tensor(x) for x in own_values]
+        return list(new_t), own_values + list(new_i)
 
     # ----------------------------------------------------------------------------------
     # Delegation

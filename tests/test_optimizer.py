@@ -1,0 +1,528 @@
+"""Tests for `keras_mat.optimizer`: masked updates of variables and slots on
+every built-in optimizer, options, `fit` without retracing, save/load and
+validation. Runs once per KERAS_BACKEND."""
+
+import numpy as np
+import pytest
+
+import keras
+from keras import ops
+
+from keras_mat.groups import ModuleGroup, annotate, group_of
+from keras_mat.optimizer import ModularAdaptiveOptimizer, wrap
+
+BACKEND = keras.backend.backend()
+
+
+def make_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((3, 4))
+    x = keras.layers.MultiHeadAttention(num_heads=2, key_dim=2, name="mha")(inp, inp)
+    x = keras.layers.Conv1D(4, 2, name="conv")(x)
+    x = keras.layers.Flatten()(x)
+    out = keras.layers.Dense(2, name="out")(x)
+    return annotate(keras.Model(inp, out))
+
+
+def data(n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 3, 4)).astype("float32"), rng.normal(size=(n, 2)).astype("float32")
+
+
+def random_masks(opt, rng):
+    masks = {}
+    for g in opt.families:
+        m = rng.integers(0, 2, size=g.num_modules).astype(bool)
+        if g.num_modules > 1:
+            m[0], m[-1] = True, False  # both cases always present
+        masks[g.name] = m
+    return masks
+
+
+def keep_array(variable, masks):
+    """Numpy boolean array of `variable`'s shape: True where updates are kept."""
+    group, axis = group_of(variable)
+    if group is None:
+        return np.ones(variable.shape, bool)
+    m = np.asarray(masks[group.name])
+    if axis is None:
+        return np.full(variable.shape, bool(m[0]))
+    m = np.repeat(m, variable.shape[axis] // group.num_modules)
+    shape = [1] * len(variable.shape)
+    shape[axis] = variable.shape[axis]
+    return np.broadcast_to(m.reshape(shape), variable.shape)
+
+
+def slot_owners(inner, model):
+    """Independent (name-based) map from inner slot to model variable: Keras
+    names slots `<variable path with / -> _>_<slot name>`."""
+    owners = {}
+    prefixes = sorted(
+        ((v.path.replace("/", "_") + "_", v) for v in model.trainable_variables), key=lambda t: -len(t[0])
+    )
+    for k, s in enumerate(inner.variables):
+        for prefix, v in prefixes:
+            if s.name.startswith(prefix) and tuple(s.shape) == tuple(v.shape):
+                owners[k] = v
+                break
+    return owners
+
+
+def values(variables):
+    return [np.array(keras.ops.convert_to_numpy(v.value)) for v in variables]
+
+
+def random_grads(model, rng):
+    return [
+        ops.convert_to_tensor(rng.normal(size=v.shape).astype("float32")) for v in model.trainable_variables
+    ]
+
+
+def check_masked_steps(make_inner, steps=2, seed=0):
+    """Runs `steps` masked steps and compares each with a bare copy of the
+    inner optimizer started from the wrapper's current state (valid for every
+    optimizer, even those that couple slices of a variable)."""
+    rng = np.random.default_rng(seed)
+    model = make_model()
+    twin = make_model()
+    opt = wrap(make_inner())
+    bare = make_inner()
+    opt.build(model.trainable_variables)
+    bare.build(twin.trainable_variables)
+    owners = slot_owners(opt.inner_optimizer, model)
+    assert len(opt.inner_optimizer.variables) == len(bare.variables)
+    masks = random_masks(opt, rng)
+    opt.set_masks(masks)
+    for _ in range(steps):
+        grads = random_grads(model, rng)
+        w0, s0 = values(model.trainable_variables), values(opt.inner_optimizer.variables)
+        for v, x in zip(twin.trainable_variables, w0):
+            v.assign(x)
+        for v, x in zip(bare.variables, s0):
+            v.assign(x)
+        opt.apply(grads, model.trainable_variables)
+        bare.apply(grads, twin.trainable_variables)
+        w1, s1 = values(model.trainable_variables), values(opt.inner_optimizer.variables)
+        wb, sb = values(twin.trainable_variables), values(bare.variables)
+        for v, a, b, ref in zip(model.trainable_variables, w0, w1, wb):
+            keep = keep_array(v, masks)
+            assert np.array_equal(b[~keep], a[~keep]), v.path
+            np.testing.assert_allclose(b[keep], ref[keep], rtol=1e-6, atol=1e-7, err_msg=v.path)
+        for k, (a, b, ref) in enumerate(zip(s0, s1, sb)):
+            if k in owners:
+                keep = keep_array(owners[k], masks)
+                assert np.array_equal(b[~keep], a[~keep]), opt.inner_optimizer.variables[k].path
+                np.testing.assert_allclose(b[keep], ref[keep], rtol=1e-6, atol=1e-7)
+            else:
+                np.testing.assert_allclose(b, ref, rtol=1e-6, atol=1e-7)
+    # Every grouped slot-like variable was found by the name-based map.
+    n_slots = sum(1 for k in owners if group_of(owners[k])[0] is not None)
+    return opt, model, masks, n_slots
+
+
+OPTIMIZERS = {
+    "sgd": lambda: keras.optimizers.SGD(0.1),
+    "sgd_momentum": lambda: keras.optimizers.SGD(0.1, momentum=0.9),
+    "sgd_nesterov": lambda: keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True),
+    "adam": lambda: keras.optimizers.Adam(0.01),
+    "adam_amsgrad": lambda: keras.optimizers.Adam(0.01, amsgrad=True),
+    "adamw": lambda: keras.optimizers.AdamW(0.01, weight_decay=0.1),
+    "adamax": lambda: keras.optimizers.Adamax(0.01),
+    "adagrad": lambda: keras.optimizers.Adagrad(0.01),
+    "adadelta": lambda: keras.optimizers.Adadelta(1.0),
+    "rmsprop": lambda: keras.optimizers.RMSprop(0.01, momentum=0.9, centered=True),
+    "nadam": lambda: keras.optimizers.Nadam(0.01),
+    "lion": lambda: keras.optimizers.Lion(0.01),
+    "ftrl": lambda: keras.optimizers.Ftrl(
+        0.01, l1_regularization_strength=0.01, l2_regularization_strength=0.01
+    ),
+    "lamb": lambda: keras.optimizers.Lamb(0.01),
+}
+if hasattr(keras.optimizers, "Muon"):
+    OPTIMIZERS["muon"] = lambda: keras.optimizers.Muon(0.01)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_masked_slices_frozen_and_active_slices_match_bare(name):
+    _, _, _, n_slots = check_masked_steps(OPTIMIZERS[name])
+    if name != "sgd":
+        assert n_slots > 0
+
+
+def test_elementwise_optimizer_matches_bare_over_several_steps():
+    # Adam is elementwise: with a fixed mask, active slices follow exactly the
+    # bare optimizer run on its own for several steps.
+    rng = np.random.default_rng(1)
+    model, twin = make_model(), make_model()
+    opt, bare = wrap(keras.optimizers.Adam(0.01)), keras.optimizers.Adam(0.01)
+    opt.build(model.trainable_variables)
+    masks = random_masks(opt, rng)
+    opt.set_masks(masks)
+    w0 = values(model.trainable_variables)
+    for _ in range(3):
+        grads = random_grads(model, rng)
+        opt.apply(grads, model.trainable_variables)
+        bare.apply(grads, twin.trainable_variables)
+    for v, a, b, ref in zip(
+        model.trainable_variables, w0, values(model.trainable_variables), values(twin.trainable_variables)
+    ):
+        keep = keep_array(v, masks)
+        assert np.array_equal(b[~keep], a[~keep])
+        np.testing.assert_allclose(b[keep], ref[keep], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "weight_decay",
+        "clipnorm",
+        "global_clipnorm",
+        "clipvalue",
+        "use_ema",
+        "grad_accumulation",
+        "schedule",
+        "loss_scale_factor",
+    ],
+)
+def test_optimizer_options(name):
+    options = {
+        "weight_decay": lambda: keras.optimizers.SGD(0.1, momentum=0.9, weight_decay=0.5),
+        "clipnorm": lambda: keras.optimizers.Adam(0.01, clipnorm=0.1),
+        # global_clipnorm uses the norm of *all* gradients, masked ones included.
+        "global_clipnorm": lambda: keras.optimizers.Adam(0.01, global_clipnorm=0.1),
+        "clipvalue": lambda: keras.optimizers.Adam(0.01, clipvalue=0.1),
+        "use_ema": lambda: keras.optimizers.Adam(
+            0.01, use_ema=True, ema_momentum=0.5, ema_overwrite_frequency=2
+        ),
+        "grad_accumulation": lambda: keras.optimizers.Adam(0.01, gradient_accumulation_steps=2),
+        "schedule": lambda: keras.optimizers.Adam(keras.optimizers.schedules.ExponentialDecay(0.1, 1, 0.5)),
+        "loss_scale_factor": lambda: keras.optimizers.Adam(0.01, loss_scale_factor=4.0),
+    }
+    check_masked_steps(options[name], steps=3)
+
+
+def test_adafactor_whole_layer_families_only():
+    # Adafactor's factored accumulators do not have their variable's shape:
+    # multi-module families are refused at build time ...
+    model = make_model()
+    opt = wrap(keras.optimizers.Adafactor(0.01))
+    with pytest.raises(ValueError, match="cannot be masked per module"):
+        opt.build(model.trainable_variables)
+    # ... one-module families are masked all-or-nothing.
+    model = make_model()
+    annotate(model, conv_modules=1, exclude=["mha"])
+    opt = wrap(keras.optimizers.Adafactor(0.01))
+    opt.build(model.trainable_variables)
+    masks = {g.name: np.array([g.name != "out"]) for g in opt.families}
+    opt.set_masks(masks)
+    out_vars = [v for v in model.trainable_variables if v.path.startswith("out/")]
+    before = values(out_vars)
+    slots = [s for s in opt.inner_optimizer.variables if "out" in s.path or s.name in ("kernel", "bias")]
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        opt.apply(random_grads(model, rng), model.trainable_variables)
+    for a, b in zip(before, values(out_vars)):
+        assert np.array_equal(a, b)
+    # The "out" slots (velocities) never moved from their initial zeros.
+    out_slots = [
+        s for s in slots if s.path.endswith("out_kernel_velocity") or s.path.endswith("out_bias_velocity")
+    ]
+    assert out_slots and all(not np.any(x) for x in values(out_slots))
+
+
+def test_reentering_module_resumes_from_own_slots():
+    model = make_model()
+    opt = wrap(keras.optimizers.SGD(0.1, momentum=0.9))
+    opt.build(model.trainable_variables)
+    rng = np.random.default_rng(0)
+    opt.apply(random_grads(model, rng), model.trainable_variables)
+    momentum = [s for s in opt.inner_optimizer.variables if s.path.endswith("mha_query_kernel_momentum")][0]
+    saved = values([momentum])[0]
+    opt.set_masks({"mha/heads": [False, False]})
+    for _ in range(2):
+        opt.apply(random_grads(model, rng), model.trainable_variables)
+    assert np.array_equal(values([momentum])[0], saved)
+    opt.set_masks({"mha/heads": [True, True]})
+    kernel = [v for v in model.trainable_variables if v.path == "mha/query/kernel"][0]
+    w = values([kernel])[0]
+    g = random_grads(model, rng)
+    opt.apply(g, model.trainable_variables)
+    g_kernel = keras.ops.convert_to_numpy(g[model.trainable_variables.index(kernel)])
+    expected_m = 0.9 * saved - 0.1 * g_kernel
+    np.testing.assert_allclose(values([momentum])[0], expected_m, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(values([kernel])[0], w + expected_m, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_scale_optimizer_around_wrapper():
+    model = make_model()
+    opt = keras.optimizers.LossScaleOptimizer(wrap(keras.optimizers.Adam(0.01)), initial_scale=8.0)
+    opt.build(model.trainable_variables)
+    mat = opt.inner_optimizer
+    masks = random_masks(mat, np.random.default_rng(0))
+    mat.set_masks(masks)
+    before = values(model.trainable_variables)
+    rng = np.random.default_rng(1)
+    for _ in range(2):
+        grads = [g * 8.0 for g in random_grads(model, rng)]
+        if BACKEND == "jax":
+            tv, ov = opt.stateless_apply(
+                [v.value for v in opt.variables], grads, [v.value for v in model.trainable_variables]
+            )
+            for v, x in zip(model.trainable_variables, tv):
+                v.assign(x)
+            for v, x in zip(opt.variables, ov):
+                v.assign(x)
+        else:
+            opt.apply(grads, model.trainable_variables)
+    for v, a, b in zip(model.trainable_variables, before, values(model.trainable_variables)):
+        keep = keep_array(v, masks)
+        assert np.array_equal(b[~keep], a[~keep])
+        if keep.any():
+            assert not np.array_equal(b[keep], a[keep])
+
+
+def test_wrapper_around_loss_scale_optimizer():
+    model = make_model()
+    opt = wrap(keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(0.01)))
+    opt.build(model.trainable_variables)
+    masks = random_masks(opt, np.random.default_rng(0))
+    opt.set_masks(masks)
+    before = values(model.trainable_variables)
+    opt.apply(random_grads(model, np.random.default_rng(1)), model.trainable_variables)
+    for v, a, b in zip(model.trainable_variables, before, values(model.trainable_variables)):
+        keep = keep_array(v, masks)
+        assert np.array_equal(b[~keep], a[~keep])
+
+
+@pytest.fixture
+def mixed_precision():
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    yield
+    keras.mixed_precision.set_dtype_policy("float32")
+
+
+def test_mixed_float16_fit(mixed_precision):
+    model = make_model()
+    model.compile(optimizer=wrap(keras.optimizers.Adam(0.01)), loss="mse")
+    x, y = data()
+    model.optimizer.build(model.trainable_variables)
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    mat = model.optimizer.inner_optimizer
+    masks = random_masks(mat, np.random.default_rng(0))
+    mat.set_masks(masks)
+    before = values(model.trainable_variables)
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    for v, a, b in zip(model.trainable_variables, before, values(model.trainable_variables)):
+        keep = keep_array(v, masks)
+        assert np.array_equal(b[~keep], a[~keep])
+
+
+class _CountingLoss(keras.losses.Loss):
+    # A Python side effect runs once per trace on compiled backends.
+    traces = 0
+
+    def call(self, y_true, y_pred):
+        type(self).traces += 1
+        return ops.mean(ops.square(y_true - y_pred), axis=-1)
+
+
+@pytest.mark.parametrize(
+    "jit_compile",
+    [
+        False,
+        pytest.param(
+            True,
+            marks=pytest.mark.skipif(
+                BACKEND == "torch",
+                reason="jit_compile=True on torch means torch.compile (dynamo), which is slow on CPU and not part of this contract",
+            ),
+        ),
+    ],
+)
+def test_fit_masks_are_state_not_constants(jit_compile):
+    model = make_model()
+    opt = wrap(keras.optimizers.Adam(0.01))
+    _CountingLoss.traces = 0
+    model.compile(optimizer=opt, loss=_CountingLoss(), jit_compile=jit_compile)
+    x, y = data(8)
+    rng = np.random.default_rng(0)
+    opt.build(model.trainable_variables)
+    seen = []
+
+    class FlipMasks(keras.callbacks.Callback):
+        # Changes the masks before every batch and checks after it.
+        def on_train_batch_begin(self, batch, logs=None):
+            if BACKEND == "jax":
+                model.jax_state_sync()
+            self.masks = random_masks(opt, rng)
+            opt.set_masks(self.masks)
+            self.before = values(model.trainable_variables)
+
+        def on_train_batch_end(self, batch, logs=None):
+            if BACKEND == "jax":
+                model.jax_state_sync()
+            seen.append({k: v.copy() for k, v in opt.masks.items()})
+            for v, a, b in zip(model.trainable_variables, self.before, values(model.trainable_variables)):
+                keep = keep_array(v, self.masks)
+                assert np.array_equal(b[~keep], a[~keep]), v.path
+                if keep.any():
+                    assert not np.array_equal(b[keep], a[keep]), v.path
+
+    model.fit(x, y, batch_size=4, epochs=2, verbose=0, shuffle=False, callbacks=[FlipMasks()])
+    assert len(seen) == 4
+    compiled = BACKEND == "tensorflow" or (BACKEND == "jax" and jit_compile)
+    if compiled:
+        assert _CountingLoss.traces == 1
+    # A second fit with other masks reuses the same compiled step.
+    opt.set_masks({g.name: np.ones(g.num_modules, bool) for g in opt.families})
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
+    if compiled:
+        assert _CountingLoss.traces == 1
+
+
+def test_save_load_round_trip(tmp_path):
+    model = make_model()
+    model.compile(
+        optimizer=wrap(keras.optimizers.Adam(0.01), alpha=0.25, probe_every=7, policy=None), loss="mse"
+    )
+    x, y = data(8)
+    model.optimizer.build(model.trainable_variables)
+    masks = random_masks(model.optimizer, np.random.default_rng(0))
+    model.optimizer.set_masks(masks)
+    model.optimizer.mat_state["conv/filters"]["lambda_max"].assign(np.arange(4, dtype="float32"))
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    opt = loaded.optimizer
+    assert isinstance(opt, ModularAdaptiveOptimizer)
+    assert (opt.alpha, opt.probe_every, opt.policy) == (0.25, 7, None)
+    assert type(opt.inner_optimizer) is type(model.optimizer.inner_optimizer)
+    assert [g.name for g in opt.families] == [g.name for g in model.optimizer.families]
+    for name in masks:
+        assert np.array_equal(opt.masks[name], masks[name])
+    np.testing.assert_array_equal(opt.lambda_max["conv/filters"], np.arange(4, dtype="float32"))
+    assert len(opt.variables) == len(model.optimizer.variables)
+    for a, b in zip(values(model.optimizer.variables), values(opt.variables)):
+        np.testing.assert_array_equal(a, b)
+    # Families are re-attached to the loaded variables by path.
+    assert group_of(loaded.get_layer("conv").kernel)[0].name == "conv/filters"
+    model.train_on_batch(x[:4], y[:4])
+    loaded.train_on_batch(x[:4], y[:4])
+    for v, a, b in zip(
+        model.trainable_variables, values(model.trainable_variables), values(loaded.trainable_variables)
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=v.path)
+        keep = keep_array(v, masks)
+        assert np.array_equal(a[~keep], b[~keep])
+
+
+def test_config_round_trip():
+    opt = wrap(keras.optimizers.SGD(0.5, momentum=0.5), alpha=0.1, beta=0.01, warmup=3, probe="batch")
+    config = opt.get_config()
+    clone = ModularAdaptiveOptimizer.from_config(config)
+    assert isinstance(clone.inner_optimizer, keras.optimizers.SGD)
+    assert clone.inner_optimizer.momentum == 0.5
+    assert (clone.alpha, clone.beta, clone.warmup, clone.probe) == (0.1, 0.01, 3, "batch")
+    clone2 = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
+    assert isinstance(clone2, ModularAdaptiveOptimizer)
+
+
+def test_delegation_and_state_layout():
+    model = make_model()
+    inner = keras.optimizers.Adam(0.01)
+    opt = wrap(inner)
+    assert float(keras.ops.convert_to_numpy(opt.learning_rate)) == pytest.approx(0.01)
+    opt.learning_rate = 0.02
+    assert float(keras.ops.convert_to_numpy(inner.learning_rate)) == pytest.approx(0.02)
+    opt.build(model.trainable_variables)
+    assert [g.name for g in opt.families] == ["mha/heads", "conv/filters", "out"]
+    assert opt.variables[: len(opt._variables)] == opt._variables
+    assert opt.variables[len(opt._variables) :] == inner.variables
+    for g in opt.families:
+        state = opt.mat_state[g.name]
+        assert sorted(state) == sorted(
+            ["mask", "frozen", "lambda_max", "lambda_init", "delta_prev", "delta_first", "updated"]
+        )
+        for v in state.values():
+            assert tuple(v.shape) == (g.num_modules,)
+    assert opt.masks["mha/heads"].dtype == bool and opt.masks["mha/heads"].all()
+    assert not opt.frozen["conv/filters"].any()
+    assert opt.lambda_max["out"].dtype == np.float32
+    assert int(keras.ops.convert_to_numpy(opt.num_measurements.value)) == 0
+    opt.apply(random_grads(model, np.random.default_rng(0)), model.trainable_variables)
+    assert int(keras.ops.convert_to_numpy(opt.iterations)) == 1
+    # Frozen modules are not updated even with mask 1.
+    opt.mat_state["conv/filters"]["frozen"].assign(np.array([1, 0, 0, 0], "float32"))
+    assert opt.masks["conv/filters"].tolist() == [False, True, True, True]
+    active = opt.active_masks()
+    assert keras.ops.convert_to_numpy(active["conv/filters"]).tolist() == [False, True, True, True]
+
+
+def test_ungrouped_variables_always_updated():
+    model = make_model()
+    annotate(model, groups=[ModuleGroup("conv_only", [model.get_layer("conv").kernel], -1, 2, "filter")])
+    opt = wrap(keras.optimizers.SGD(0.1))
+    opt.build(model.trainable_variables)
+    assert [g.name for g in opt.families] == ["conv_only"]
+    opt.set_masks({"conv_only": [False, False]})
+    before = values(model.trainable_variables)
+    opt.apply(random_grads(model, np.random.default_rng(0)), model.trainable_variables)
+    for v, a, b in zip(model.trainable_variables, before, values(model.trainable_variables)):
+        assert np.array_equal(a, b) == (v.path == "conv/kernel"), v.path
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"alpha": 1.0}, "alpha"),
+        ({"alpha": -0.1}, "alpha"),
+        ({"alpha": "x"}, "alpha"),
+        ({"beta": 0.0}, "beta"),
+        ({"beta": float("inf")}, "beta"),
+        ({"probe_every": 0}, "probe_every"),
+        ({"probe_every": 2.5}, "probe_every"),
+        ({"probe_samples": 0}, "probe_samples"),
+        ({"warmup": -1}, "warmup"),
+        ({"ntk_output": "logit"}, "ntk_output"),
+        ({"threshold_scope": "layer"}, "threshold_scope"),
+        ({"policy": "random"}, "policy"),
+        ({"probe": "random"}, "probe"),
+        ({"weight_decay": 0.1}, "weight_decay"),
+    ],
+)
+def test_invalid_options(kwargs, match):
+    with pytest.raises(ValueError, match=match) as info:
+        wrap(keras.optimizers.Adam(), **kwargs)
+    assert "Received:" in str(info.value)
+
+
+def test_invalid_inner_optimizer():
+    with pytest.raises(TypeError, match="inner_optimizer"):
+        wrap("adam")
+    with pytest.raises(ValueError, match="inner_optimizer"):
+        wrap(wrap(keras.optimizers.Adam()))
+    built = keras.optimizers.Adam()
+    built.build(make_model().trainable_variables)
+    with pytest.raises(ValueError, match="inner_optimizer"):
+        wrap(built)
+
+
+def test_set_masks_validation():
+    model = make_model()
+    opt = wrap(keras.optimizers.Adam())
+    with pytest.raises(ValueError, match="not built"):
+        opt.set_masks({"out": [True]})
+    with pytest.raises(ValueError, match="not built"):
+        _ = opt.masks
+    opt.build(model.trainable_variables)
+    with pytest.raises(ValueError, match="Unknown module family"):
+        opt.set_masks({"nope": [True]})
+    with pytest.raises(ValueError, match="shape"):
+        opt.set_masks({"mha/heads": [True, False, True]})
+    with pytest.raises(ValueError, match="boolean"):
+        opt.set_masks({"mha/heads": [0.5, 1.0]})
+    with pytest.raises(ValueError, match="dict"):
+        opt.set_masks([True])
+    opt.set_masks({"mha/heads": np.array([1, 0])})
+    assert opt.masks["mha/heads"].tolist() == [True, False]
