@@ -332,6 +332,13 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
             return
         var_list = list(var_list)
         families = self._resolve_families(var_list)
+        if not families:
+            raise ValueError(
+                "ModularAdaptiveOptimizer found no module family among the variables it "
+                "optimizes: call `keras_mat.annotate(model)` before the first training step "
+                "(or pass explicit ModuleGroups to it). "
+                f"Received: {len(var_list)} variables, none annotated"
+            )
         # Outside `no_automatic_dependency_tracking`: inner optimizers (Nadam,
         # Adafactor) rely on attribute tracking to register their variables.
         slot_owner = self._build_inner(var_list)

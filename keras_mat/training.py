@@ -1,7 +1,405 @@
-"""The MAT training step installed on a model by `annotate` (placeholder until
-the training-step work lands: `install` only records that MAT is enabled)."""
+"""The MAT training step that `keras_mat.annotate` installs on a model.
+
+Every `probe_every` optimizer steps the step measures lambda_max of every
+module on the probe batch, runs the modular and temporal policies
+(`keras_mat.policy`) and writes the new masks into the optimizer's MAT state;
+then it runs the model's normal Keras train step, whose optimizer update is
+masked by `ModularAdaptiveOptimizer`.
+
+- JAX: inside the jitted pure `train_step(state, data)`, the probe and the
+  policy sit under `ops.cond` and update the optimizer-variable state.
+- TensorFlow: inside the `tf.function` train step, under `ops.cond`; the
+  probe itself is a nested XLA-compiled function (graph-mode
+  `vectorized_map` crashes on attention models with oneDNN on), except on
+  pure CNNs, where graph mode is safe and XLA is slow.
+- PyTorch: eager, a plain `if`.
+
+The probe set (`probe="fixed"`, default) is taken once per `fit` call from the
+first `probe_samples` samples of the *raw* training data (before Keras
+shuffles), so it is the same on every call and after resuming; it enters the
+compiled step as a constant. `probe="batch"` uses the head of the current
+training batch instead.
+
+With a plain optimizer (no `keras_mat.wrap`) the model is in
+measurement-only mode: it trains normally and a callback records lambda_max
+every `probe_every` steps into `model.keras_mat_history`.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+
+import keras
+import numpy as np
+from keras import ops, tree
+
+from keras_mat import backends, policy
+
+_DEFAULT_MEASURE_EVERY = 100
+_DEFAULT_MEASURE_SAMPLES = 16
+
+
+def find_mat_optimizer(optimizer):
+    """The `ModularAdaptiveOptimizer` inside `optimizer` (through
+    `LossScaleOptimizer` nesting), or `None`."""
+    from keras_mat.optimizer import ModularAdaptiveOptimizer
+
+    seen = 0
+    while optimizer is not None and seen < 8:
+        if isinstance(optimizer, ModularAdaptiveOptimizer):
+            return optimizer
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+        seen += 1
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Probe set
+# --------------------------------------------------------------------------------------
+
+
+def _take(data, n):
+    return tree.map_structure(lambda t: np.asarray(ops.convert_to_numpy(t))[:n], data)
+
+
+def _size(data):
+    return int(np.shape(tree.flatten(data)[0])[0])
+
+
+def _concat(parts):
+    return tree.map_structure(lambda *xs: np.concatenate(xs, axis=0), *parts)
+
+
+def capture_probe_set(x, y, n):
+    """First `n` samples of the training data, as numpy, or `None` if the
+    data cannot be peeked without consuming it (a Python generator)."""
+    from keras.src.trainers.data_adapters import data_adapter_utils
+
+    if x is None:
+        return None
+    try:
+        import tensorflow as tf
+
+        is_dataset = isinstance(x, tf.data.Dataset)
+    except ImportError:  # TensorFlow is optional outside the TF backend
+        is_dataset = False
+    if is_dataset or isinstance(x, keras.utils.PyDataset):
+        xs, ys, have = [], [], 0
+        batches = iter(x) if is_dataset else (x[i] for i in range(len(x)))
+        for batch in batches:
+            bx, by, _ = data_adapter_utils.unpack_x_y_sample_weight(batch)
+            xs.append(_take(bx, n - have))
+            ys.append(None if by is None else _take(by, n - have))
+            have += _size(xs[-1])
+            if have >= n:
+                break
+        if not xs:
+            return None
+        px = _concat(xs)
+        py = None if ys[0] is None else _concat(ys)
+        return px, py
+    if isinstance(x, types.GeneratorType) or (hasattr(x, "__next__") and not hasattr(x, "shape")):
+        return None
+    return _take(x, n), (None if y is None else _take(y, n))
+
+
+# --------------------------------------------------------------------------------------
+# Runtime: per-fit configuration shared by the backend steps
+# --------------------------------------------------------------------------------------
+
+
+class _Runtime:
+    def __init__(self, model, mat, probe_data):
+        from keras_mat import ntk
+
+        self.model = model
+        self.mat = mat
+        self.families = list(mat.families)
+        groups = self.families
+        probe_x, probe_y = probe_data if probe_data is not None else (None, None)
+        self.fixed = mat.probe == "fixed" and probe_x is not None
+        self.probe_x = probe_x
+        self.probe_y = probe_y
+        sample = probe_x
+        mode = mat.ntk_output
+        if mode == "auto":
+            if sample is None:
+                raise ValueError(
+                    "ntk_output='auto' needs a peekable training set to size the outputs; "
+                    "pass ntk_output='logits'|'sum'|'loss' explicitly. Received: ntk_output='auto'"
+                )
+            mode = ntk.resolve_ntk_output(model, sample, "auto")
+        self.mode = mode
+        loss = None
+        if mode == "loss":
+            loss = model.loss
+        self.probe = ntk.get_probe(model, groups, mode, loss=loss, x=sample)
+        self.scopes = policy.scope_ids([g.kind for g in groups], _scope(mat.threshold_scope))
+        self.alpha = float(mat.alpha)
+        self.beta = float(mat.beta)
+        self.warmup = int(mat.warmup)
+        self.probe_every = int(mat.probe_every)
+        self.samples = int(mat.probe_samples)
+        self.active = mat.policy == "mat"
+        self.state_vars = [mat.mat_state[g.name] for g in groups]
+        self.total_modules = float(sum(g.num_modules for g in groups))
+        self.config = self._config(mat)
+
+    def _config(self, mat):
+        return (
+            id(mat), mat.alpha, mat.beta, mat.probe_every, mat.probe_samples, mat.warmup,
+            mat.ntk_output, mat.threshold_scope, mat.policy, mat.probe,
+        )
+
+    def matches(self, mat, probe_data):
+        if self._config(mat) != self.config:
+            return False
+        if (probe_data is None) != (self.probe_x is None):
+            return False
+        if probe_data is None:
+            return True
+        same = tree.map_structure(np.array_equal, tree.flatten(probe_data[0]), tree.flatten(self.probe_x))
+        if self.probe_y is not None or probe_data[1] is not None:
+            if (self.probe_y is None) != (probe_data[1] is None):
+                return False
+            same += tree.map_structure(np.array_equal, tree.flatten(probe_data[1]), tree.flatten(self.probe_y))
+        return all(same)
+
+    def probe_batch(self, data):
+        from keras.src.trainers.data_adapters import data_adapter_utils
+
+        if self.fixed:
+            px = tree.map_structure(ops.convert_to_tensor, self.probe_x)
+            py = None if self.probe_y is None else tree.map_structure(ops.convert_to_tensor, self.probe_y)
+            return px, py
+        x, y, _ = data_adapter_utils.unpack_x_y_sample_weight(data)
+        n = tree.flatten(x)[0].shape[0]
+        if n is not None and n < self.samples:
+            raise ValueError(
+                f"probe='batch' needs training batches of at least probe_samples={self.samples} "
+                f"samples. Received: batch size {n}"
+            )
+        px = tree.map_structure(lambda t: t[: self.samples], x)
+        py = None if y is None else tree.map_structure(lambda t: t[: self.samples], y)
+        return px, py
+
+    def policy_step(self, lam, masks, frozen, lambda_init, delta_prev, delta_first, measurement):
+        """Pure: new values for the MAT state from one measurement."""
+        state = policy.PolicyState(
+            masks=list(masks),
+            frozen=list(frozen),
+            lambda_init=list(lambda_init),
+            delta_prev=list(delta_prev),
+            delta_first=list(delta_first),
+            measurement=ops.cast(measurement, "int32"),
+        )
+        lam = [ops.cast(v, "float32") for v in lam]
+        new = policy.policy_update(lam, state, self.alpha, self.beta, self.scopes, warmup=self.warmup)
+        return new, lam
+
+    def fractions(self, masks, frozen):
+        active = sum(ops.sum(ops.cast(m, "float32") * (1.0 - ops.cast(f, "float32"))) for m, f in zip(masks, frozen))
+        stopped = sum(ops.sum(ops.cast(f, "float32")) for f in frozen)
+        return active / self.total_modules, stopped / self.total_modules
+
+
+def _scope(threshold_scope):
+    return threshold_scope
+
+
+# --------------------------------------------------------------------------------------
+# Backend train steps
+# --------------------------------------------------------------------------------------
+
+_KEYS = ("mask", "frozen", "lambda_init", "delta_prev", "delta_first")
+
+
+def _jax_train_step(self, state, data):
+    rt = self._keras_mat_runtime
+    if rt is None:
+        return type(self).train_step(self, state, data)
+    tv, ntv, ov, mv = state
+    opt_vars = self.optimizer.variables
+    index = {id(v): i for i, v in enumerate(opt_vars)}
+    pos = {key: [index[id(s[key])] for s in rt.state_vars] for key in _KEYS + ("lambda_max",)}
+    it_pos = index[id(rt.mat.iterations)]
+    n_pos = index[id(rt.mat.num_measurements)]
+
+    def measure(ov):
+        px, py = rt.probe_batch(data)
+        lam = rt.probe.from_values(list(tv), list(ntv), px, py)
+        read = {k: [ov[i] for i in pos[k]] for k in _KEYS}
+        new, lam = rt.policy_step(
+            lam, read["mask"], read["frozen"], read["lambda_init"], read["delta_prev"], read["delta_first"], ov[n_pos]
+        )
+        ov = list(ov)
+        for key, values in zip(_KEYS, (new.masks, new.frozen, new.lambda_init, new.delta_prev, new.delta_first)):
+            for i, val in zip(pos[key], values):
+                ov[i] = ops.cast(val, ov[i].dtype)
+        for i, val in zip(pos["lambda_max"], lam):
+            ov[i] = ops.cast(val, ov[i].dtype)
+        ov[n_pos] = ops.cast(new.measurement, ov[n_pos].dtype)
+        return ov
+
+    if rt.active:
+        do = ops.equal(ops.mod(ov[it_pos], rt.probe_every), 0)
+        ov = ops.cond(do, lambda: measure(ov), lambda: list(ov))
+    logs, state = type(self).train_step(self, (tv, ntv, ov, mv), data)
+    ov = state[2]
+    active, stopped = rt.fractions([ov[i] for i in pos["mask"]], [ov[i] for i in pos["frozen"]])
+    logs = dict(logs)
+    logs["mat_active"] = active
+    logs["mat_frozen"] = stopped
+    return logs, state
+
+
+def _stateful_measure(rt, data):
+    px, py = rt.probe_batch(data)
+    lam = rt.probe(px, py)
+    sv = rt.state_vars
+    new, lam = rt.policy_step(
+        lam,
+        [s["mask"].value for s in sv],
+        [s["frozen"].value for s in sv],
+        [s["lambda_init"].value for s in sv],
+        [s["delta_prev"].value for s in sv],
+        [s["delta_first"].value for s in sv],
+        rt.mat.num_measurements.value,
+    )
+    for key, values in zip(_KEYS, (new.masks, new.frozen, new.lambda_init, new.delta_prev, new.delta_first)):
+        for s, val in zip(sv, values):
+            s[key].assign(val)
+    for s, val in zip(sv, lam):
+        s["lambda_max"].assign(val)
+    rt.mat.num_measurements.assign(ops.cast(new.measurement, rt.mat.num_measurements.dtype))
+
+
+def _tf_train_step(self, data):
+    rt = self._keras_mat_runtime
+    if rt is None:
+        return type(self).train_step(self, data)
+    if rt.active:
+        if not rt.mat.built:
+            # TF builds the optimizer lazily in its first apply; the MAT state
+            # must exist before the step reads it.
+            self.optimizer.build(self.trainable_variables)
+
+        def measure():
+            _stateful_measure(rt, data)
+            return ops.convert_to_tensor(0)
+
+        do = ops.equal(ops.mod(rt.mat.iterations.value, rt.probe_every), 0)
+        ops.cond(do, measure, lambda: ops.convert_to_tensor(0))
+    logs = dict(type(self).train_step(self, data))
+    sv = rt.state_vars
+    active, stopped = rt.fractions([s["mask"].value for s in sv], [s["frozen"].value for s in sv])
+    logs["mat_active"] = active
+    logs["mat_frozen"] = stopped
+    return logs
+
+
+def _torch_train_step(self, data):
+    rt = self._keras_mat_runtime
+    if rt is None:
+        return type(self).train_step(self, data)
+    if rt.active:
+        if not rt.mat.built:
+            self.optimizer.build(self.trainable_variables)
+        step = int(ops.convert_to_numpy(rt.mat.iterations.value))
+        if step % rt.probe_every == 0:
+            _stateful_measure(rt, data)
+    logs = dict(type(self).train_step(self, data))
+    sv = rt.state_vars
+    active, stopped = rt.fractions([s["mask"].value for s in sv], [s["frozen"].value for s in sv])
+    logs["mat_active"] = active
+    logs["mat_frozen"] = stopped
+    return logs
+
+
+# --------------------------------------------------------------------------------------
+# Measurement-only mode
+# --------------------------------------------------------------------------------------
+
+
+class _MeasureCallback(keras.callbacks.Callback):
+    """Records lambda_max every `probe_every` steps (plain optimizer)."""
+
+    def __init__(self, probe_data, every, ntk_output="auto"):
+        super().__init__()
+        self.probe_data = probe_data
+        self.every = every
+        self.ntk_output = ntk_output
+        self.step = 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.step % self.every == 0:
+            from keras_mat.ntk import module_lambda_max
+
+            if backends.name() == "jax":
+                self.model.jax_state_sync()
+            px, py = self.probe_data
+            mode = self.ntk_output
+            lam = module_lambda_max(self.model, px, y=py, ntk_output=mode)
+            self.model.keras_mat_history.append({"step": self.step, "lambda_max": lam})
+        self.step += 1
+
+
+# --------------------------------------------------------------------------------------
+# Installation
+# --------------------------------------------------------------------------------------
+
+
+def _fit(self, x=None, y=None, *args, **kwargs):
+    mat = find_mat_optimizer(getattr(self, "optimizer", None))
+    callbacks = list(kwargs.pop("callbacks", None) or [])
+    if mat is None:
+        # Measurement-only mode.
+        probe_data = capture_probe_set(x, y, _DEFAULT_MEASURE_SAMPLES)
+        if probe_data is not None:
+            callbacks.append(_MeasureCallback(probe_data, _DEFAULT_MEASURE_EVERY))
+        object.__setattr__(self, "_keras_mat_runtime", None)
+        return type(self).fit(self, x, y, *args, callbacks=callbacks, **kwargs)
+    if getattr(self, "_keras_mat_enabled", False) is not True:
+        raise ValueError(
+            "The model was compiled with a keras_mat optimizer but never annotated: call "
+            "`keras_mat.annotate(model)` before `fit`. Received: model not annotated"
+        )
+    if not mat.built:
+        self.optimizer.build(self.trainable_variables)
+    if not mat.families:
+        raise ValueError(
+            "keras_mat.wrap(...) found no module family among the model's trainable variables: "
+            "call keras_mat.annotate(model) before compile(). Received: families=[]"
+        )
+    # Peeked even with probe="batch": ntk_output="auto" needs a sample to size the outputs.
+    probe_data = capture_probe_set(x, y, mat.probe_samples)
+    if mat.probe == "fixed" and probe_data is None:
+        warnings.warn(
+            "keras_mat: the training data cannot be peeked (a Python generator); "
+            "probing on the current batch instead (probe='batch').",
+            stacklevel=2,
+        )
+    previous = getattr(self, "_keras_mat_runtime", None)
+    if previous is not None and previous.matches(mat, probe_data):
+        runtime = previous  # same probe set and options: keep the compiled step
+    else:
+        runtime = _Runtime(self, mat, probe_data)
+        # The probe set is a constant of the compiled step: retrace only when
+        # it (or the MAT configuration) changed.
+        self.train_function = None
+    object.__setattr__(self, "_keras_mat_runtime", runtime)
+    return type(self).fit(self, x, y, *args, callbacks=callbacks, **kwargs)
 
 
 def install(model):
+    """Installs the MAT train step and `fit` on this model instance."""
+    step = {"jax": _jax_train_step, "tensorflow": _tf_train_step, "torch": _torch_train_step}[backends.name()]
+    object.__setattr__(model, "train_step", types.MethodType(step, model))
+    object.__setattr__(model, "fit", types.MethodType(_fit, model))
     object.__setattr__(model, "_keras_mat_enabled", True)
+    if not hasattr(model, "_keras_mat_runtime"):
+        object.__setattr__(model, "_keras_mat_runtime", None)
+    if not hasattr(model, "keras_mat_history"):
+        object.__setattr__(model, "keras_mat_history", [])
     return model

@@ -1,0 +1,255 @@
+"""The MAT training step inside `fit`, on every backend."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import keras_mat
+from keras_mat.callbacks import MATLogger, plot_lambda
+from keras_mat.optimizer import wrap
+from keras_mat.reference import module_selector
+from tests import models
+
+BACKEND = keras.config.backend()
+JIT = [False] if BACKEND == "torch" else [False, True]
+
+
+def _data(model, n=64, classes=3, seed=0):
+    rng = np.random.RandomState(seed)
+    x = rng.randn(n, *model.inputs[0].shape[1:]).astype("float32")
+    return x, rng.randint(0, classes, n)
+
+
+def _sync(model):
+    if BACKEND == "jax":
+        model.jax_state_sync()
+
+
+class _Snapshots(keras.callbacks.Callback):
+    """Weights and effective masks at the end of every step."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights, self.active = [], []
+
+    def on_train_begin(self, logs=None):
+        self.weights.append([np.array(keras.ops.convert_to_numpy(v.value)) for v in self.model.trainable_variables])
+
+    def on_train_batch_end(self, batch, logs=None):
+        _sync(self.model)
+        opt = self.model.optimizer
+        self.weights.append([np.array(keras.ops.convert_to_numpy(v.value)) for v in self.model.trainable_variables])
+        self.active.append({k: v.copy() for k, v in opt.masks.items()})
+
+
+def _compile(model, jit, **mat):
+    opts = dict(alpha=0.6, beta=0.05, probe_every=2, probe_samples=4, warmup=1)
+    opts.update(mat)
+    model.compile(
+        optimizer=wrap(keras.optimizers.Adam(1e-2), **opts),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=jit,
+    )
+    return model.optimizer
+
+
+def _module_slices(model, step_weights, group, module):
+    index = {id(v): i for i, v in enumerate(model.trainable_variables)}
+    out = []
+    for v, axis in zip(group.variables, group.axes):
+        sel = module_selector(tuple(v.shape), axis, group.num_modules, module)
+        out.append(step_weights[index[id(v)]][sel])
+    return out
+
+
+def _check_masked_modules_unchanged(model, snaps):
+    moved = 0
+    for t, active in enumerate(snaps.active):
+        before, after = snaps.weights[t], snaps.weights[t + 1]
+        for g in keras_mat.get_groups(model):
+            for m in range(g.num_modules):
+                a = _module_slices(model, before, g, m)
+                b = _module_slices(model, after, g, m)
+                same = all(np.array_equal(x, y) for x, y in zip(a, b))
+                if not active[g.name][m]:
+                    assert same, f"step {t}: masked module {g.name}[{m}] moved"
+                else:
+                    moved += not same
+    assert moved > 0, "no active module ever moved"
+
+
+@pytest.mark.parametrize("jit", JIT)
+def test_fit_transformer_masks_change_and_masked_modules_stay(jit):
+    m = models.set_weights_deterministic(keras_mat.annotate(models.mha()))
+    opt = _compile(m, jit)
+    x, y = _data(m)
+    snaps, log = _Snapshots(), MATLogger()
+    hist = m.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False, callbacks=[snaps, log])
+    _check_masked_modules_unchanged(m, snaps)
+    # The masks changed over time and some module was stopped for good.
+    patterns = {tuple(np.concatenate([a[k] for k in sorted(a)])) for a in snaps.active}
+    assert len(patterns) > 1
+    assert any(f.any() for f in opt.frozen.values())
+    # A frozen module stays frozen and never moves again.
+    first = {}
+    for t, active in enumerate(snaps.active):
+        for g in keras_mat.get_groups(m):
+            for i in range(g.num_modules):
+                if not active[g.name][i]:
+                    first.setdefault((g.name, i), t)
+    for (name, i), _ in first.items():
+        if opt.frozen[name][i]:
+            g = [g for g in keras_mat.get_groups(m) if g.name == name][0]
+            t0 = max(t for t in range(len(snaps.active)) if snaps.active[t][name][i]) + 1
+            ref = _module_slices(m, snaps.weights[t0], g, i)
+            for w in snaps.weights[t0:]:
+                assert all(np.array_equal(a, b) for a, b in zip(ref, _module_slices(m, w, g, i)))
+    # History and the progress bar see the active/frozen fractions.
+    assert "mat_active" in hist.history and "mat_frozen" in hist.history
+    assert 0 < hist.history["mat_active"][-1] < 1
+    # The logger saw every measurement (steps 0, 2, ..., 14).
+    assert sorted({r["step"] for r in log.rows}) == list(range(0, 16, 2))
+    assert int(keras.ops.convert_to_numpy(opt.num_measurements.value)) == 8
+
+
+def test_fit_cnn_per_layer_scope(tmp_path):
+    m = models.set_weights_deterministic(keras_mat.annotate(models.cnn()))
+    opt = _compile(m, False, alpha=0.5, beta=1e-4)
+    x, y = _data(m, n=32)
+    snaps, log = _Snapshots(), MATLogger(str(tmp_path / "mat.csv"))
+    m.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=[snaps, log])
+    _check_masked_modules_unchanged(m, snaps)
+    # Per-layer thresholds: every conv layer keeps its top filter active.
+    for name in ("c0/filters", "c1/filters"):
+        assert any(a[name].any() for a in snaps.active)
+        assert all(a[name].any() for a in snaps.active)
+        assert not all(a[name].all() for a in snaps.active[2:])
+    png = plot_lambda(str(tmp_path / "mat.csv"), str(tmp_path / "lambda.png"))
+    assert os.path.getsize(png) > 1000
+    assert opt.lambda_max["c1/filters"].shape == (6,)
+
+
+def test_measurement_only_mode_records_and_trains():
+    m = keras_mat.annotate(models.set_weights_deterministic(models.mha()))
+    m.compile(optimizer=keras.optimizers.Adam(1e-2), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = _data(m, n=16)
+    before = [np.array(keras.ops.convert_to_numpy(v.value)) for v in m.trainable_variables]
+    log = MATLogger()
+    m.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[log])
+    assert len(m.keras_mat_history) == 1 and m.keras_mat_history[0]["step"] == 0
+    assert set(m.keras_mat_history[0]["lambda_max"]) == {"mha/heads", "head"}
+    assert {r["family"] for r in log.rows} == {"mha/heads", "head"}
+    after = [np.array(keras.ops.convert_to_numpy(v.value)) for v in m.trainable_variables]
+    assert all(not np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def test_wrap_without_annotate_fails_clearly():
+    m = models.mlp()
+    m.compile(optimizer=wrap(keras.optimizers.Adam()), loss="mse")
+    with pytest.raises(ValueError, match="keras_mat.annotate"):
+        m.fit(np.zeros((8, 4)), np.zeros((8, 3)), verbose=0)
+
+
+def test_probe_on_current_batch():
+    m = models.set_weights_deterministic(keras_mat.annotate(models.mha()))
+    opt = _compile(m, False, probe="batch")
+    x, y = _data(m, n=32)
+    m.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    assert int(keras.ops.convert_to_numpy(opt.num_measurements.value)) == 2
+    assert all(np.all(v > 0) for v in opt.lambda_max.values())
+
+
+@pytest.mark.skipif(BACKEND == "torch", reason="torch runs the step eagerly: there is no trace to count.")
+def test_second_fit_and_mask_changes_do_not_retrace():
+    traces = []
+
+    def loss(y_true, y_pred):
+        traces.append(1)  # runs in Python only while tracing
+        return keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
+
+    m = models.set_weights_deterministic(keras_mat.annotate(models.mha()))
+    m.compile(optimizer=wrap(keras.optimizers.Adam(1e-2), probe_every=2, probe_samples=4), loss=loss)
+    x, y = _data(m, n=32)
+    m.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    after_first = len(traces)
+    m.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False)
+    assert len(traces) == after_first
+
+
+def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
+    def build():
+        mdl = models.set_weights_deterministic(keras_mat.annotate(models.mha()))
+        _compile(mdl, False)
+        return mdl
+
+    x, y = _data(build(), n=32)
+    straight = build()
+    log_a = MATLogger()
+    straight.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False, callbacks=[log_a])
+
+    first = build()
+    log_b = MATLogger()
+    first.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=[log_b])
+    path = str(tmp_path / "mat.keras")
+    first.save(path)
+    resumed = keras.models.load_model(path)
+    keras_mat.annotate(resumed)
+    resumed.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=[log_b])
+
+    key = lambda r: (r["step"], r["family"], r["module"])  # noqa: E731
+    a = sorted(log_a.rows, key=key)
+    b = sorted(log_b.rows, key=key)
+    assert [(r["step"], r["active"], r["frozen"]) for r in a] == [(r["step"], r["active"], r["frozen"]) for r in b]
+    np.testing.assert_allclose([r["lambda_max"] for r in a], [r["lambda_max"] for r in b], rtol=1e-5)
+    for va, vb in zip(straight.trainable_variables, resumed.trainable_variables):
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(va.value), keras.ops.convert_to_numpy(vb.value), rtol=1e-5, atol=1e-6
+        )
+
+
+_XB_SCRIPT = r"""
+import json, sys
+import numpy as np, keras, keras_mat
+from keras_mat.callbacks import MATLogger
+from keras_mat.optimizer import wrap
+from tests import models
+m = models.set_weights_deterministic(keras_mat.annotate(models.mha()))
+m.compile(optimizer=wrap(keras.optimizers.Adam(1e-2), alpha=0.6, beta=0.05, probe_every=2, probe_samples=4),
+          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+rng = np.random.RandomState(0)
+x = rng.randn(64, 4, 8).astype("float32"); y = rng.randint(0, 3, 64)
+log = MATLogger()
+m.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False, callbacks=[log])
+json.dump(log.rows, sys.stdout)
+"""
+
+
+@pytest.mark.skipif(
+    BACKEND != "jax",
+    reason="Runs all three backends in subprocesses; done once, in the KERAS_BACKEND=jax session.",
+)
+def test_backends_produce_the_same_mask_sequence():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rows = {}
+    for backend in ("jax", "tensorflow", "torch"):
+        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+        proc = subprocess.run(
+            [sys.executable, "-c", _XB_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows[backend] = json.loads(proc.stdout.strip().splitlines()[-1])
+    ref = rows["jax"]
+    assert len(ref) > 0 and any(r["frozen"] for r in ref) and any(not r["active"] for r in ref)
+    for backend in ("tensorflow", "torch"):
+        other = rows[backend]
+        assert [(r["step"], r["family"], r["module"], r["active"], r["frozen"]) for r in other] == [
+            (r["step"], r["family"], r["module"], r["active"], r["frozen"]) for r in ref
+        ], backend
+        np.testing.assert_allclose(
+            [r["lambda_max"] for r in other], [r["lambda_max"] for r in ref], rtol=1e-3, err_msg=backend
+        )
