@@ -65,6 +65,12 @@ def parse_args(argv=None):
         "keras.src.backend.torch.nn._maybe_convert_to_channels_last by the identity so that "
         "torch.func.vmap composes with Conv2D (measures what the vmap kernel would cost)",
     )
+    p.add_argument(
+        "--eigh-float64",
+        action="store_true",
+        help="workaround (runtime wrapper, keras_mat unchanged): run keras_mat.ntk.top_eigenvalues "
+        "in float64; torch's float32 batched eigh fails to converge on rank-deficient VGG Grams",
+    )
     p.add_argument("--table", action="store_true", help="only rebuild the markdown table from existing JSONs")
     p.add_argument("--md", default=os.path.join(RESULTS, "lambda_max.md"))
     return p.parse_args(argv)
@@ -180,6 +186,16 @@ def run_model(name, args, backend):
     import keras_mat
     from keras_mat import ntk
 
+    if args.eigh_float64 and not getattr(ntk, "_bench_eigh64", False):
+        orig = ntk.top_eigenvalues
+
+        def top_eigenvalues64(grams):
+            from keras import ops
+
+            return ops.cast(orig(ops.cast(grams, "float64")), grams.dtype)
+
+        ntk.top_eigenvalues = top_eigenvalues64
+        ntk._bench_eigh64 = True
     build, batch = MODELS[name]
     keras.utils.set_random_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -307,6 +323,11 @@ def main(argv=None):
     if args.vgg_ntk_output != "logits" and "vgg" in args.models:
         parts.append(f"vgg ntk_output={args.vgg_ntk_output}")
         suffix += f"_vgg{args.vgg_ntk_output}"
+    if args.eigh_float64:
+        parts.append("eigh float64")
+        suffix += "_eigh64"
+    if args.models != "bert,vgg":
+        suffix += "_" + args.models.replace(",", "_")
     variant = ", ".join(parts)
     out = args.out or os.path.join(RESULTS, f"lambda_max_{backend}{suffix}.json")
     record = {

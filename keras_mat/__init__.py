@@ -1,15 +1,23 @@
 """keras_mat: Modular Adaptive Training for Keras 3 (JAX, TensorFlow, PyTorch)."""
 
+from keras_mat import callbacks, policy
+from keras_mat.callbacks import MATLogger, plot_lambda
 from keras_mat.groups import ModuleGroup, annotate, discover_groups, get_groups
 from keras_mat.ntk import module_lambda_max
+from keras_mat.optimizer import ModularAdaptiveOptimizer, wrap
 from keras_mat.version import __version__
 
 __all__ = [
+    "MATLogger",
+    "ModularAdaptiveOptimizer",
     "ModuleGroup",
     "__version__",
     "annotate",
+    "callbacks",
     "discover_groups",
     "get_groups",
     "module_lambda_max",
-
+    "plot_lambda",
+    "policy",
+    "wrap",
 ]

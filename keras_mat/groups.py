@@ -101,9 +101,7 @@ class ModuleGroup:
                 f"Received: num_modules={num_modules!r}"
             )
         if kind not in KINDS:
-            raise ValueError(
-                f"ModuleGroup {name!r}: `kind` must be one of {KINDS}. Received: kind={kind!r}"
-            )
+            raise ValueError(f"ModuleGroup {name!r}: `kind` must be one of {KINDS}. Received: kind={kind!r}")
         seen = set()
         norm_axes = []
         for v, axis in zip(variables, axes):
@@ -251,9 +249,7 @@ def _conv_group(layer, conv_modules):
             variables.append(bias)
             axes.append(0)
         if variables:
-            groups.append(
-                ModuleGroup(f"{name}/filters", variables, axes, count(pw.shape[-1]), "filter")
-            )
+            groups.append(ModuleGroup(f"{name}/filters", variables, axes, count(pw.shape[-1]), "filter"))
         if layer.depthwise_kernel.trainable:
             groups.append(ModuleGroup(f"{name}/depthwise", [layer.depthwise_kernel], None, 1, "layer"))
         return groups
@@ -280,9 +276,7 @@ def _conv_group(layer, conv_modules):
             variables.append(bias)
             axes.append(0)
         if variables:
-            groups.append(
-                ModuleGroup(f"{name}/filters", variables, axes, count(k.shape[kaxis]), "filter")
-            )
+            groups.append(ModuleGroup(f"{name}/filters", variables, axes, count(k.shape[kaxis]), "filter"))
         return groups
     return None
 
@@ -339,7 +333,9 @@ def discover_groups(model, conv_modules=None, include=("head", "filter", "expert
             f"Received: include={tuple(include)!r}"
         )
     if conv_modules is not None and (not isinstance(conv_modules, int) or conv_modules < 1):
-        raise ValueError(f"`conv_modules` must be None or a positive int. Received: conv_modules={conv_modules!r}")
+        raise ValueError(
+            f"`conv_modules` must be None or a positive int. Received: conv_modules={conv_modules!r}"
+        )
     excluded_layers = {id(x) for x in exclude if isinstance(x, keras.layers.Layer)}
     patterns = [re.compile(x) for x in exclude if isinstance(x, str)]
 
@@ -458,9 +454,7 @@ def annotate(model, groups="auto", conv_modules=None, exclude=()):
         elif isinstance(g, ModuleGroup):
             explicit.append(g)
         else:
-            raise ValueError(
-                f"`groups` entries must be ModuleGroup or 'auto'. Received: groups entry={g!r}"
-            )
+            raise ValueError(f"`groups` entries must be ModuleGroup or 'auto'. Received: groups entry={g!r}")
     _check_no_overlap(explicit)
     trainable = {_var_key(v): v for v in model.trainable_variables}
     all_vars = {_var_key(v) for v in model.variables}

@@ -241,7 +241,9 @@ class Probe:
         self.loss_call = _resolve_loss(model, loss) if ntk_output == "loss" else None
         self.max_probe_bytes = DEFAULT_MAX_PROBE_BYTES if max_probe_bytes is None else int(max_probe_bytes)
         if self.max_probe_bytes < 1:
-            raise ValueError(f"`max_probe_bytes` must be positive. Received: max_probe_bytes={max_probe_bytes}")
+            raise ValueError(
+                f"`max_probe_bytes` must be positive. Received: max_probe_bytes={max_probe_bytes}"
+            )
         trainable = list(model.trainable_variables)
         index = {id(v): i for i, v in enumerate(trainable)}
         # (trainable index, family index, axis, G) for every probed variable, model order.
@@ -367,7 +369,9 @@ def get_probe(model, groups, ntk_output, loss=None, max_probe_bytes=None, x=None
     probe = cache.get(key)
     if probe is None:
         rows = output_size(model, x) if (ntk_output == "logits" and x is not None) else 1
-        probe = Probe(model, groups, ntk_output, loss=loss, max_probe_bytes=max_probe_bytes, rows_per_sample=rows)
+        probe = Probe(
+            model, groups, ntk_output, loss=loss, max_probe_bytes=max_probe_bytes, rows_per_sample=rows
+        )
         cache[key] = probe
     return probe
 
@@ -453,7 +457,7 @@ def _lanczos(model, groups, x, y, mode, loss_call, steps):
                 sel[m * block : (m + 1) * block] = 1
                 masks.append(ops.cast(ops.reshape(ops.convert_to_tensor(sel), shape), v.dtype))
 
-            def matvec(u, masks=masks):
+            def matvec(u, masks=masks, fn=fn, vals=vals, pullback=pullback, dtype=dtype):
                 ut = ops.convert_to_tensor(u.astype(np.float32), dtype=dtype)
                 grads = pullback(ut)
                 tangents = [gr if mk is None else gr * mk for gr, mk in zip(grads, masks)]
@@ -551,4 +555,3 @@ def module_lambda_max(
             )
         out[g.name] = np.maximum(arr, 0.0)
     return out
-

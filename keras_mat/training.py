@@ -148,8 +148,16 @@ class _Runtime:
 
     def _config(self, mat):
         return (
-            id(mat), mat.alpha, mat.beta, mat.probe_every, mat.probe_samples, mat.warmup,
-            mat.ntk_output, mat.threshold_scope, mat.policy, mat.probe,
+            id(mat),
+            mat.alpha,
+            mat.beta,
+            mat.probe_every,
+            mat.probe_samples,
+            mat.warmup,
+            mat.ntk_output,
+            mat.threshold_scope,
+            mat.policy,
+            mat.probe,
         )
 
     def matches(self, mat, probe_data):
@@ -163,7 +171,9 @@ class _Runtime:
         if self.probe_y is not None or probe_data[1] is not None:
             if (self.probe_y is None) != (probe_data[1] is None):
                 return False
-            same += tree.map_structure(np.array_equal, tree.flatten(probe_data[1]), tree.flatten(self.probe_y))
+            same += tree.map_structure(
+                np.array_equal, tree.flatten(probe_data[1]), tree.flatten(self.probe_y)
+            )
         return all(same)
 
     def probe_batch(self, data):
@@ -199,7 +209,9 @@ class _Runtime:
         return new, lam
 
     def fractions(self, masks, frozen):
-        active = sum(ops.sum(ops.cast(m, "float32") * (1.0 - ops.cast(f, "float32"))) for m, f in zip(masks, frozen))
+        active = sum(
+            ops.sum(ops.cast(m, "float32") * (1.0 - ops.cast(f, "float32"))) for m, f in zip(masks, frozen)
+        )
         stopped = sum(ops.sum(ops.cast(f, "float32")) for f in frozen)
         return active / self.total_modules, stopped / self.total_modules
 
@@ -231,10 +243,18 @@ def _jax_train_step(self, state, data):
         lam = rt.probe.from_values(list(tv), list(ntv), px, py)
         read = {k: [ov[i] for i in pos[k]] for k in _KEYS}
         new, lam = rt.policy_step(
-            lam, read["mask"], read["frozen"], read["lambda_init"], read["delta_prev"], read["delta_first"], ov[n_pos]
+            lam,
+            read["mask"],
+            read["frozen"],
+            read["lambda_init"],
+            read["delta_prev"],
+            read["delta_first"],
+            ov[n_pos],
         )
         ov = list(ov)
-        for key, values in zip(_KEYS, (new.masks, new.frozen, new.lambda_init, new.delta_prev, new.delta_first)):
+        for key, values in zip(
+            _KEYS, (new.masks, new.frozen, new.lambda_init, new.delta_prev, new.delta_first)
+        ):
             for i, val in zip(pos[key], values):
                 ov[i] = ops.cast(val, ov[i].dtype)
         for i, val in zip(pos["lambda_max"], lam):

@@ -38,12 +38,16 @@ class _Snapshots(keras.callbacks.Callback):
         self.weights, self.active = [], []
 
     def on_train_begin(self, logs=None):
-        self.weights.append([np.array(keras.ops.convert_to_numpy(v.value)) for v in self.model.trainable_variables])
+        self.weights.append(
+            [np.array(keras.ops.convert_to_numpy(v.value)) for v in self.model.trainable_variables]
+        )
 
     def on_train_batch_end(self, batch, logs=None):
         _sync(self.model)
         opt = self.model.optimizer
-        self.weights.append([np.array(keras.ops.convert_to_numpy(v.value)) for v in self.model.trainable_variables])
+        self.weights.append(
+            [np.array(keras.ops.convert_to_numpy(v.value)) for v in self.model.trainable_variables]
+        )
         self.active.append({k: v.copy() for k, v in opt.masks.items()})
 
 
@@ -136,7 +140,10 @@ def test_fit_cnn_per_layer_scope(tmp_path):
 
 def test_measurement_only_mode_records_and_trains():
     m = keras_mat.annotate(models.set_weights_deterministic(models.mha()))
-    m.compile(optimizer=keras.optimizers.Adam(1e-2), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    m.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     x, y = _data(m, n=16)
     before = [np.array(keras.ops.convert_to_numpy(v.value)) for v in m.trainable_variables]
     log = MATLogger()
@@ -204,7 +211,9 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
     key = lambda r: (r["step"], r["family"], r["module"])  # noqa: E731
     a = sorted(log_a.rows, key=key)
     b = sorted(log_b.rows, key=key)
-    assert [(r["step"], r["active"], r["frozen"]) for r in a] == [(r["step"], r["active"], r["frozen"]) for r in b]
+    assert [(r["step"], r["active"], r["frozen"]) for r in a] == [
+        (r["step"], r["active"], r["frozen"]) for r in b
+    ]
     np.testing.assert_allclose([r["lambda_max"] for r in a], [r["lambda_max"] for r in b], rtol=1e-5)
     for va, vb in zip(straight.trainable_variables, resumed.trainable_variables):
         np.testing.assert_allclose(
