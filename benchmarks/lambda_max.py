@@ -358,6 +358,37 @@ def main(argv=None):
 # ----------------------------------------------------------------------------------------------
 
 
+NOTES = """
+## Findings (see the JSONs for every round)
+
+* **BERT (ntk_output="sum", 1 row/sample): targets met on all three backends** (probe about
+  0.7-1.0x a train step at the same n). Note the train step here is at batch n, not 32 as in
+  backend-notes section 5, so these ratios are larger than the prototype's (which divided by the
+  b=32 step); the probe itself costs about what section 5 predicts.
+* **VGG (ntk_output="logits", 10 rows/sample, one module per filter = 450 modules): targets
+  missed by 10-60x on every backend.** The per-sample Jacobian has 10n rows, i.e. 10n single-sample
+  backward passes through the convs, against one batched backward in the train step; per-sample
+  conv weight gradients are the slow part (the prototype measured 0.4-2x with 1 row/sample).
+  * TF: `vectorized_map` has no pfor converter for `Conv2DBackpropFilter` ("Conv2DBackpropFilter
+    uses a while_loop. Fix that!"), so the conv weight gradients run as a sequential while_loop.
+  * torch: `torch.func.vmap` fails on Keras's Conv2D (channels-last `Tensor.clone(memory_format)`
+    under vmap), keras_mat falls back to the per-sample autograd loop, and it retries (and fails)
+    vmap on every call.
+  * torch: `torch.linalg.eigh` in float32 fails to converge on a rank-deficient VGG Gram
+    ("linalg.eigh: (Batch element 38): The algorithm failed to converge", a 80x80 rank-20 matrix
+    after two Adam steps) and the probe raises; the torch VGG rows were measured with the
+    `--eigh-float64` runtime workaround (keras_mat unchanged).
+* torch VGG row (`lambda_max_torch_eigh64_vgg.json`, n=8 only, 3 rounds) was taken while another
+  job (pip install + pytest) loaded the 2-core machine (train step 470-580 ms instead of ~70 ms);
+  the ratio is still taken within each round. An earlier, less loaded attempt (killed when the
+  load arrived) gave, after warm-up: probe 1.6 s / 4.0 s / 15.2 s at n=8/16/32 against train steps
+  of about 72 / 162 / 393 ms, i.e. about 23x / 25x / 39x. The torch BERT JSON comes from the full
+  run that then crashed in VGG on the eigh error.
+* TF's train step runs without XLA on CPU (Keras `jit_compile="auto"`); its "train compile" column
+  for n=16/32 is small because `tf.function` retraces with relaxed shapes.
+"""
+
+
 def write_table(md_path):
     records = []
     for path in sorted(glob.glob(os.path.join(RESULTS, "lambda_max_*.json"))):
@@ -416,6 +447,7 @@ def write_table(md_path):
     if records:
         v = records[0]["versions"]
         lines += ["", "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()), ""]
+    lines += NOTES.strip("\n").split("\n") + [""]
     os.makedirs(os.path.dirname(os.path.abspath(md_path)), exist_ok=True)
     with open(md_path, "w") as f:
         f.write("\n".join(lines) + "\n")
