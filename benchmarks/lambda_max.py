@@ -56,7 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--mask-positions", type=int, default=20)
     p.add_argument("--vgg-width", type=int, default=32)
     p.add_argument("--vgg-ntk-output", default="logits", choices=["logits", "sum", "loss"])
-    p.add_argument("--conv-modules", type=int, default=None, help="filters per conv module group (None: one per filter)")
+    p.add_argument(
+        "--conv-modules", type=int, default=None, help="filters per conv module group (None: one per filter)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--torch-patch-channels-last",
@@ -110,7 +112,9 @@ def bert_batch(args, n, rng):
         "token_ids": token_ids,
         "segment_ids": np.zeros((n, args.seq), "int32"),
         "padding_mask": np.ones((n, args.seq), "int32"),
-        "mask_positions": np.stack([np.sort(rng.choice(args.seq, m, replace=False)) for _ in range(n)]).astype("int32"),
+        "mask_positions": np.stack(
+            [np.sort(rng.choice(args.seq, m, replace=False)) for _ in range(n)]
+        ).astype("int32"),
     }
     y = rng.integers(1, args.vocab, size=(n, m)).astype("int32")
     return x, y
@@ -255,15 +259,15 @@ def run_model(name, args, backend):
             "probe_first_s": probe_first,
             "probe_second_s": probe_second,
             "fallback_warnings": fallback,
-            "lambda_max_max": float(max(float(np.max(l)) for l in lams)),
-            "lambda_max_finite": bool(all(np.all(np.isfinite(l)) for l in lams)),
+            "lambda_max_max": float(max(float(np.max(lam)) for lam in lams)),
+            "lambda_max_finite": bool(all(np.all(np.isfinite(lam)) for lam in lams)),
             "train_ms": [],
             "probe_ms": [],
             "ratio": [],
         }
         print(
             f"  n={n}: train first {train_first:.2f}s, probe first {probe_first:.2f}s, "
-            f"second {probe_second*1e3:.0f}ms{' FALLBACK: ' + fallback[0][:200] if fallback else ''}",
+            f"second {probe_second * 1e3:.0f}ms{' FALLBACK: ' + fallback[0][:200] if fallback else ''}",
             flush=True,
         )
 
@@ -396,6 +400,7 @@ def write_table(md_path):
             records.append(json.load(f))
     order = {"jax": 0, "tensorflow": 1, "torch": 2}
     records.sort(key=lambda r: (order.get(r["backend"], 9), r.get("variant", "")))
+
     def label(rec):
         return rec["backend"] + (f" ({rec['variant']})" if rec.get("variant") else "")
 

@@ -204,9 +204,22 @@ def module_gram(jac, axis, num_modules):
 
 
 def top_eigenvalues(grams):
-    """Largest eigenvalue of each symmetric matrix in a `(G, m, m)` stack."""
+    """Largest eigenvalue of each symmetric PSD matrix in a `(G, m, m)` stack.
+
+    Each matrix is scaled by its largest absolute entry before the solve, and
+    the solve runs in float64 where the backend has it (not JAX without x64):
+    float32 `eigh` failed to converge on tiny rank-deficient conv Grams
+    (torch, |G| ~ 6e-3, rank 20 of 80).
+    """
+    dtype = grams.dtype
     grams = 0.5 * (grams + ops.transpose(grams, (0, 2, 1)))
-    return ops.eigh(grams)[0][:, -1]
+    scale = ops.max(ops.abs(grams), axis=(1, 2), keepdims=True)
+    scale = ops.where(scale > 0, scale, ops.ones_like(scale))
+    normed = grams / scale
+    if backends.name() != "jax":
+        normed = ops.cast(normed, "float64")
+    top = ops.eigh(normed)[0][:, -1]
+    return ops.cast(top, dtype) * ops.reshape(scale, (-1,))
 
 
 def _chunks(sizes, rows, itemsize, max_bytes):
@@ -287,7 +300,7 @@ class Probe:
 
         def run(probe_values, trainable_values, non_trainable_values, x, y):
             fn = self._single_fn(probe_pos, trainable_values, non_trainable_values)
-            jacs = kernel.per_sample_jacobians(fn, probe_values, x, y)
+            jacs = kernel.per_sample_jacobians(fn, probe_values, x, y, key=(id(self), tuple(chunk)))
             grams = {}
             for (_, fam, axis, g), jac in zip(entries, jacs):
                 jac = ops.reshape(jac, (-1,) + tuple(jac.shape[2:]))

@@ -145,6 +145,22 @@ class _Runtime:
         self.state_vars = [mat.mat_state[g.name] for g in groups]
         self.total_modules = float(sum(g.num_modules for g in groups))
         self.config = self._config(mat)
+        # Weight-gradient skipping (see _Dispatcher): indices of trainable
+        # variables whose every module is off, per family.
+        index = {id(v): i for i, v in enumerate(model.trainable_variables)}
+        self.family_vars = [tuple(index[id(v)] for v in g.variables) for g in groups]
+        self.skip = ()  # the skip set the step being traced/called uses
+        self.next_skip = ()  # the skip set for the coming non-measurement steps
+        self.step = None
+        self.num_compiles = 0
+        self.skip_history = []
+
+    def skip_from_masks(self, masks, frozen):
+        skip = []
+        for f, (m, z) in enumerate(zip(masks, frozen)):
+            if not np.any(np.asarray(m) * (1.0 - np.asarray(z)) > 0.5):
+                skip.extend(self.family_vars[f])
+        return tuple(sorted(skip))
 
     def _config(self, mat):
         return (
@@ -265,13 +281,102 @@ def _jax_train_step(self, state, data):
     if rt.active:
         do = ops.equal(ops.mod(ov[it_pos], rt.probe_every), 0)
         ov = ops.cond(do, lambda: measure(ov), lambda: list(ov))
-    logs, state = type(self).train_step(self, (tv, ntv, ov, mv), data)
+    if rt.skip:
+        logs, state = _jax_skipping_step(self, (tv, ntv, ov, mv), data, set(rt.skip))
+    else:
+        logs, state = type(self).train_step(self, (tv, ntv, ov, mv), data)
     ov = state[2]
     active, stopped = rt.fractions([ov[i] for i in pos["mask"]], [ov[i] for i in pos["frozen"]])
     logs = dict(logs)
     logs["mat_active"] = active
     logs["mat_frozen"] = stopped
     return logs, state
+
+
+def _jax_skipping_step(self, state, data, skip):
+    # Keras's JAX train step, differentiating only the active variables: the
+    # skipped ones are closed-over constants, so XLA drops their weight
+    # gradients and, below a frozen prefix, the whole backward pass.
+    import jax
+    from keras.src.trainers.data_adapters import data_adapter_utils
+
+    tv, ntv, ov, mv = state
+    x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+    active = [i for i in range(len(tv)) if i not in skip]
+
+    def loss_fn(active_values):
+        values = list(tv)
+        for i, val in zip(active, active_values):
+            values[i] = val
+        return self.compute_loss_and_updates(
+            values, ntv, mv, x, y, sample_weight, training=True, optimizer_variables=ov
+        )
+
+    (_, aux), active_grads = jax.value_and_grad(loss_fn, has_aux=True)([tv[i] for i in active])
+    unscaled_loss, y_pred, ntv, mv = aux
+    grads = [jax.numpy.zeros_like(v) for v in tv]
+    for i, g in zip(active, active_grads):
+        grads[i] = g
+    tv, ov = self.optimizer.stateless_apply(ov, grads, tv)
+    logs, mv = self._update_metrics_variables(mv, unscaled_loss, x, y, y_pred, sample_weight)
+    return logs, (tv, ntv, ov, mv)
+
+
+def _tf_skipping_step(self, data, skip):
+    import tensorflow as tf
+    from keras.src.losses import loss as loss_module
+    from keras.src.trainers.data_adapters import data_adapter_utils
+
+    x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+    weights = self.trainable_weights
+    active = [v for i, v in enumerate(weights) if i not in skip]
+    # Only active variables are watched: nothing is recorded for the
+    # backward pass of a frozen prefix, and no skipped dW is computed.
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+        for v in active:
+            tape.watch(v.value)
+        y_pred = self(x, training=True) if self._call_has_training_arg else self(x)
+        loss = self._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+        self._loss_tracker.update_state(
+            loss_module.unscale_loss_for_distribution(loss),
+            sample_weight=tf.shape(next(i for i in tree.flatten(x) if i is not None))[0],
+        )
+        loss = self.optimizer.scale_loss(loss)
+    active_grads = tape.gradient(loss, [v.value for v in active]) if active else []
+    grads = [tf.zeros_like(v.value) for v in weights]
+    positions = [i for i in range(len(weights)) if i not in skip]
+    for i, g in zip(positions, active_grads):
+        grads[i] = g
+    self.optimizer.apply(grads, weights)
+    return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+def _torch_skipping_step(self, data, skip):
+    import torch
+    from keras.src.trainers.data_adapters import data_adapter_utils
+
+    x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+    weights = self.trainable_weights[:]
+    skipped = [weights[i].value for i in skip]
+    for p in skipped:
+        p.requires_grad_(False)  # autograd records nothing for them
+    try:
+        y_pred = self(x, training=True) if self._call_has_training_arg else self(x)
+        self.zero_grad()
+        loss = self._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+        self._loss_tracker.update_state(
+            loss, sample_weight=next(i for i in tree.flatten(x) if i is not None).shape[0]
+        )
+        loss = self.optimizer.scale_loss(loss)
+        if loss.requires_grad:
+            loss.backward()
+    finally:
+        for p in skipped:
+            p.requires_grad_(True)
+    grads = [v.value.grad if v.value.grad is not None else torch.zeros_like(v.value) for v in weights]
+    with torch.no_grad():
+        self.optimizer.apply(grads, weights)
+    return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
 
 def _stateful_measure(rt, data):
@@ -311,7 +416,10 @@ def _tf_train_step(self, data):
 
         do = ops.equal(ops.mod(rt.mat.iterations.value, rt.probe_every), 0)
         ops.cond(do, measure, lambda: ops.convert_to_tensor(0))
-    logs = dict(type(self).train_step(self, data))
+    if rt.skip:
+        logs = dict(_tf_skipping_step(self, data, set(rt.skip)))
+    else:
+        logs = dict(type(self).train_step(self, data))
     sv = rt.state_vars
     active, stopped = rt.fractions([s["mask"].value for s in sv], [s["frozen"].value for s in sv])
     logs["mat_active"] = active
@@ -329,12 +437,92 @@ def _torch_train_step(self, data):
         step = int(ops.convert_to_numpy(rt.mat.iterations.value))
         if step % rt.probe_every == 0:
             _stateful_measure(rt, data)
-    logs = dict(type(self).train_step(self, data))
+    if rt.skip:
+        logs = dict(_torch_skipping_step(self, data, set(rt.skip)))
+    else:
+        logs = dict(type(self).train_step(self, data))
     sv = rt.state_vars
     active, stopped = rt.fractions([s["mask"].value for s in sv], [s["frozen"].value for s in sv])
     logs["mat_active"] = active
     logs["mat_frozen"] = stopped
     return logs
+
+
+class _Dispatcher:
+    """`model.train_function` while MAT trains: one compiled step per set of
+    fully-off variables (skip set), cached and bounded.
+
+    Masks only change at measurement steps, so the skip set is read back
+    (a few bytes) only after those. A measurement step always runs the
+    no-skip step: a family that the measurement turns on must get its real
+    gradient in that very step.
+    """
+
+    def __init__(self, model, rt, max_cached=8):
+        self.model = model
+        self.rt = rt
+        self.max_cached = max_cached
+        self.cache = {}
+        self.order = []
+
+    def _function(self, key):
+        fn = self.cache.get(key)
+        if fn is None:
+            model = self.model
+            model.train_function = None
+            type(model).make_train_function(model, force=True)
+            fn = model.train_function
+            model.train_function = self
+            self.cache[key] = fn
+            self.rt.num_compiles += 1
+            while len(self.cache) > self.max_cached:
+                oldest = self.order.pop(0)
+                self.cache.pop(oldest, None)
+        if key in self.order:
+            self.order.remove(key)
+        self.order.append(key)
+        return fn
+
+    def __call__(self, *args):
+        rt = self.rt
+        measuring = rt.active and rt.step % rt.probe_every == 0
+        key = () if measuring else rt.next_skip
+        rt.skip = key
+        out = self._function(key)(*args)
+        rt.step += 1
+        if measuring:
+            rt.next_skip = self._read_skip(out)
+            rt.skip_history.append((rt.step - 1, rt.next_skip))
+        return out
+
+    def _read_skip(self, out):
+        rt = self.rt
+        if backends.name() == "jax":
+            ov = out[1][2]
+            index = {id(v): i for i, v in enumerate(self.model.optimizer.variables)}
+            masks = [np.asarray(ov[index[id(s["mask"])]]) for s in rt.state_vars]
+            frozen = [np.asarray(ov[index[id(s["frozen"])]]) for s in rt.state_vars]
+        else:
+            masks = [ops.convert_to_numpy(s["mask"].value) for s in rt.state_vars]
+            frozen = [ops.convert_to_numpy(s["frozen"].value) for s in rt.state_vars]
+        return rt.skip_from_masks(masks, frozen)
+
+
+def step_cache_info(model):
+    """How the MAT step skipped work in the last `fit`.
+
+    Returns:
+        A dict: `num_compiles` (compiled step variants built, one per distinct
+        skip set; 0 on torch's eager step would still count variants),
+        `cached` (skip sets currently cached), `skip_history` (list of
+        `(step, skipped trainable-variable indices)` after each measurement).
+    """
+    rt = getattr(model, "_keras_mat_runtime", None)
+    if rt is None:
+        return {"num_compiles": 0, "cached": [], "skip_history": []}
+    fn = model.train_function
+    cached = list(fn.cache) if isinstance(fn, _Dispatcher) else []
+    return {"num_compiles": rt.num_compiles, "cached": cached, "skip_history": list(rt.skip_history)}
 
 
 # --------------------------------------------------------------------------------------
@@ -409,6 +597,19 @@ def _fit(self, x=None, y=None, *args, **kwargs):
         # it (or the MAT configuration) changed.
         self.train_function = None
     object.__setattr__(self, "_keras_mat_runtime", runtime)
+    runtime.step = int(ops.convert_to_numpy(mat.iterations.value))
+    if runtime.active and self.steps_per_execution == 1 and getattr(mat, "skip_gradients", True):
+        runtime.next_skip = runtime.skip_from_masks(
+            [ops.convert_to_numpy(s["mask"].value) for s in runtime.state_vars],
+            [ops.convert_to_numpy(s["frozen"].value) for s in runtime.state_vars],
+        )
+        if not isinstance(self.train_function, _Dispatcher) or self.train_function.rt is not runtime:
+            dispatcher = _Dispatcher(self, runtime)
+            if self.train_function is not None:
+                # Reuse the step compiled by the previous fit for its skip set.
+                dispatcher.cache[runtime.skip] = self.train_function
+                dispatcher.order.append(runtime.skip)
+            self.train_function = dispatcher
     return type(self).fit(self, x, y, *args, callbacks=callbacks, **kwargs)
 
 

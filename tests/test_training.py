@@ -262,3 +262,54 @@ def test_backends_produce_the_same_mask_sequence():
         np.testing.assert_allclose(
             [r["lambda_max"] for r in other], [r["lambda_max"] for r in ref], rtol=1e-3, err_msg=backend
         )
+
+
+class _GradProbe(keras.callbacks.Callback):
+    """torch: which trainable variables got no .grad in each step."""
+
+    def __init__(self):
+        super().__init__()
+        self.no_grad = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.no_grad.append({i for i, v in enumerate(self.model.trainable_variables) if v.value.grad is None})
+
+
+def _mlp_run(skip, epochs=2):
+    from keras_mat.training import step_cache_info
+
+    m = models.set_weights_deterministic(keras_mat.annotate(models.mlp(inputs=6, hidden=16)))
+    opt = _compile(m, False, alpha=0.9, beta=1e-6, probe_every=3)
+    opt.skip_gradients = skip
+    x, y = _data(m, n=48)
+    snaps = _Snapshots()
+    cbs = [snaps] + ([_GradProbe()] if BACKEND == "torch" else [])
+    hist = m.fit(x, y, batch_size=8, epochs=epochs, verbose=0, shuffle=False, callbacks=cbs)
+    return m, opt, snaps, hist, step_cache_info(m), cbs
+
+
+def test_frozen_variables_get_no_weight_gradient_and_same_result():
+    m, opt, snaps, hist, info, cbs = _mlp_run(skip=True)
+    _check_masked_modules_unchanged(m, snaps)
+    skipped_sets = [s for _, s in info["skip_history"] if s]
+    assert skipped_sets, f"no variable was ever skipped: {info}"
+    # One compiled variant per distinct skip set (plus the no-skip one), bounded.
+    assert info["num_compiles"] <= len({s for _, s in info["skip_history"]}) + 1 <= 9
+    if BACKEND == "torch":
+        no_grad = cbs[1].no_grad
+        assert any(no_grad), "torch computed every weight gradient"
+        # Only fully-masked variables ever lack a gradient.
+        for t, missing in enumerate(no_grad):
+            for i in missing:
+                v = m.trainable_variables[i]
+                fam = keras_mat.groups.group_of(v)[0]
+                assert not snaps.active[t][fam.name].any()
+    m2, opt2, snaps2, hist2, info2, _ = _mlp_run(skip=False)
+    assert info2["skip_history"] == []
+    # Skipping is exact: same masks, same losses, same weights.
+    assert [{k: v.tolist() for k, v in a.items()} for a in snaps.active] == [
+        {k: v.tolist() for k, v in a.items()} for a in snaps2.active
+    ]
+    np.testing.assert_allclose(hist.history["loss"], hist2.history["loss"], rtol=1e-6)
+    for a, b in zip(snaps.weights[-1], snaps2.weights[-1]):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

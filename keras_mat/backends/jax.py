@@ -3,7 +3,7 @@
 import jax
 
 
-def per_sample_jacobians(fn, probe_values, x, y):
+def per_sample_jacobians(fn, probe_values, x, y, key=None):
     # jacrev over the k outputs of one sample, vmapped over samples: one
     # vectorized reverse pass per output row, no O(n^2) batch Jacobian.
     jac = jax.vmap(jax.jacrev(fn), in_axes=(None, 0, 0))(probe_values, x, y)

@@ -22,7 +22,7 @@ def _rows(fn, probe_values, xi, yi):
     return [tf.stack([r[i] for r in rows]) for i in range(len(probe_values))]
 
 
-def per_sample_jacobians(fn, probe_values, x, y):
+def per_sample_jacobians(fn, probe_values, x, y, key=None):
     probe_values = [tf.convert_to_tensor(v) for v in probe_values]
     return tf.vectorized_map(
         lambda args: _rows(fn, probe_values, args[0], args[1]), (x, y), fallback_to_while_loop=True

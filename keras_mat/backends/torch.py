@@ -31,13 +31,20 @@ def _math_sdpa():
         return contextlib.nullcontext()
 
 
+_vmap_failed = set()
+
+
 def per_sample_jacobians(fn, probe_values, x, y, key=None):
     probe_values = _detached(probe_values)
+    if key is not None and key in _vmap_failed:
+        return per_sample_jacobians_loop(fn, probe_values, x, y)
     try:
         with _math_sdpa():
             jac = torch.func.vmap(torch.func.jacrev(fn), in_dims=(None, 0, 0))(probe_values, x, y)
         return list(jac)
     except (RuntimeError, NotImplementedError, TypeError) as err:
+        if key is not None:
+            _vmap_failed.add(key)  # do not pay for a failing vmap on every probe
         if key not in _fallback_warned:
             _fallback_warned.add(key)
             warnings.warn(
