@@ -11,7 +11,17 @@ import numpy as np
 
 from keras_mat import backends
 
-_FIELDS = ("step", "measurement", "family", "module", "lambda_max", "active", "frozen")
+_FIELDS = (
+    "step",
+    "measurement",
+    "family",
+    "module",
+    "lambda_max",
+    "active",
+    "frozen",
+    "train_flops",
+    "total_flops",
+)
 
 
 def _mat(model):
@@ -71,7 +81,12 @@ class MATLogger(keras.callbacks.Callback):
         # step is counted here so that JAX syncs only after measurement steps.
         self._step = int(keras.ops.convert_to_numpy(mat.iterations.value)) if mat is not None else 0
 
-    def _emit(self, step, measurement, lam, masks, frozen):
+    def _emit(self, step, measurement, lam, masks, frozen, logs=None):
+        logs = logs or {}
+        flops = (
+            float(logs.get("mat_train_flops", float("nan"))),
+            float(logs.get("mat_total_flops", float("nan"))),
+        )
         new = []
         for fam in lam:
             for i, value in enumerate(np.asarray(lam[fam]).reshape(-1)):
@@ -84,6 +99,8 @@ class MATLogger(keras.callbacks.Callback):
                         "lambda_max": float(value),
                         "active": int(bool(masks[fam][i])) if masks is not None else 1,
                         "frozen": int(bool(frozen[fam][i])) if frozen is not None else 0,
+                        "train_flops": flops[0],
+                        "total_flops": flops[1],
                     }
                 )
         self.rows.extend(new)
@@ -122,7 +139,7 @@ class MATLogger(keras.callbacks.Callback):
         if measurement == 0 or measurement in self._seen_measurements or mat.policy is None:
             return
         self._seen_measurements.add(measurement)
-        self._emit(self._step - 1, measurement - 1, mat.lambda_max, mat.masks, mat.frozen)
+        self._emit(self._step - 1, measurement - 1, mat.lambda_max, mat.masks, mat.frozen, logs)
 
     def on_train_end(self, logs=None):
         if self._writer is not None:
@@ -137,7 +154,13 @@ def _load_rows(source):
         with open(source, newline="") as f:
             return [
                 {
-                    k: (v if k == "family" else float(v) if k == "lambda_max" else int(v))
+                    k: (
+                        v
+                        if k == "family"
+                        else float(v)
+                        if k in ("lambda_max", "train_flops", "total_flops")
+                        else int(v)
+                    )
                     for k, v in row.items()
                 }
                 for row in csv.DictReader(f)

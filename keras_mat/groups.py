@@ -303,7 +303,22 @@ def _dense_group(layer):
     return ModuleGroup(_layer_name(layer), variables, None, 1, kind="layer")
 
 
-def discover_groups(model, conv_modules=None, include=("head", "filter", "expert", "layer"), exclude=()):
+def _is_embedding(layer):
+    # keras.layers.Embedding and keras-hub's ReversibleEmbedding,
+    # PositionEmbedding, TokenAndPositionEmbedding (by name: keras-hub is optional).
+    return isinstance(layer, keras.layers.Embedding) or "Embedding" in type(layer).__name__
+
+
+def _embedding_group(layer):
+    variables = _own_trainable(layer)
+    if not variables:
+        return None
+    return ModuleGroup(f"{_layer_name(layer)}/embedding", variables, None, 1, kind="layer")
+
+
+def discover_groups(
+    model, conv_modules=None, include=("head", "filter", "expert", "layer"), exclude=(), embeddings=False
+):
     """Finds the module families of `model` automatically.
 
     Args:
@@ -315,6 +330,13 @@ def discover_groups(model, conv_modules=None, include=("head", "filter", "expert
             `("head", "filter", "expert", "layer")`.
         exclude: Layers (objects) or regular expressions matched against the
             layer path whose parameters are left out of every family.
+        embeddings: Also make each embedding layer (Keras `Embedding`,
+            keras-hub token/position/segment embeddings) one whole-layer
+            module, so that MAT may stop it; when it and every layer below
+            a point are stopped, back-propagation ends there. Off by default
+            (the spec trains embeddings always). keras-hub ties the token
+            embedding to the masked-LM output projection: stopping it stops
+            both.
 
     Returns:
         A list of `ModuleGroup`, one per attention layer (heads), conv layer
@@ -370,7 +392,11 @@ def discover_groups(model, conv_modules=None, include=("head", "filter", "expert
     for layer in layers:
         if skipped(layer):
             continue
-        if isinstance(layer, conv_types):
+        if embeddings and _is_embedding(layer):
+            g = _embedding_group(layer)
+            if g is not None:
+                claim(g)
+        elif isinstance(layer, conv_types):
             if "filter" in include:
                 for g in _conv_group(layer, conv_modules) or []:
                     claim(g)
@@ -398,7 +424,7 @@ def _check_no_overlap(groups):
         raise ValueError(f"Module family names must be unique. Received: duplicate names={dupes}")
 
 
-def annotate(model, groups="auto", conv_modules=None, exclude=()):
+def annotate(model, groups="auto", conv_modules=None, exclude=(), embeddings=False):
     """Declares the modules of `model` and enables MAT on it.
 
     Records the module families on the model and on each of their variables,
@@ -416,6 +442,8 @@ def annotate(model, groups="auto", conv_modules=None, exclude=()):
             filter, or `G` to split each conv layer's filters into `G` modules.
         exclude: Layers, or regular expressions matched against layer paths,
             that automatic discovery must leave out (they stay always trained).
+        embeddings: Put embedding layers under MAT's control (one whole-layer
+            module each; see `discover_groups`).
 
     Returns:
         The same `model`, annotated.
@@ -469,7 +497,7 @@ def annotate(model, groups="auto", conv_modules=None, exclude=()):
     final = list(explicit)
     if want_auto:
         taken = {_var_key(v) for g in explicit for v in g.variables}
-        for g in discover_groups(model, conv_modules=conv_modules, exclude=exclude):
+        for g in discover_groups(model, conv_modules=conv_modules, exclude=exclude, embeddings=embeddings):
             if not any(_var_key(v) in taken for v in g.variables):
                 final.append(g)
     _check_no_overlap(final)

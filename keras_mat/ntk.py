@@ -213,13 +213,17 @@ def top_eigenvalues(grams):
     """
     dtype = grams.dtype
     grams = 0.5 * (grams + ops.transpose(grams, (0, 2, 1)))
+    # Non-finite Grams (overflowed model) are solved as zeros and reported
+    # as NaN: some eigensolvers raise on NaN input instead of returning NaN.
+    finite = ops.all(ops.isfinite(grams), axis=(1, 2))
+    grams = ops.where(ops.reshape(finite, (-1, 1, 1)), grams, ops.zeros_like(grams))
     scale = ops.max(ops.abs(grams), axis=(1, 2), keepdims=True)
     scale = ops.where(scale > 0, scale, ops.ones_like(scale))
     normed = grams / scale
     if backends.name() != "jax":
         normed = ops.cast(normed, "float64")
-    top = ops.eigh(normed)[0][:, -1]
-    return ops.cast(top, dtype) * ops.reshape(scale, (-1,))
+    top = ops.cast(ops.eigh(normed)[0][:, -1], dtype) * ops.reshape(scale, (-1,))
+    return ops.where(finite, top, ops.full_like(top, float("nan")))
 
 
 def _chunks(sizes, rows, itemsize, max_bytes):

@@ -154,6 +154,41 @@ class _Runtime:
         self.step = None
         self.num_compiles = 0
         self.skip_history = []
+        # Analytic FLOPs (keras_mat.flops), accumulated host-side per step.
+        self.flops_report = None
+        self.batch_size = None
+        self.active_np = None
+        self.cum_train_flops = 0.0
+        self.cum_probe_flops = 0.0
+        self._step_cost = {}
+        self.probe_cost = 0.0
+
+    def setup_flops(self, batch_size):
+        from keras_mat import flops
+
+        try:
+            self.flops_report = flops.count_flops(self.model, 1, groups=self.families)
+        except Exception as err:  # FLOPs are reporting only: never block training
+            warnings.warn(f"keras_mat: FLOPs accounting is off for this model ({err})", stacklevel=3)
+            self.flops_report = None
+            return
+        self.batch_size = batch_size
+        rows = self.probe._rows_per_sample or 1
+        self.probe_cost = flops.probe_flops(self.flops_report, self.samples, rows)
+
+    def step_cost(self):
+        # Training FLOPs of one step with the current masks: forward, the
+        # activation gradients down to the lowest trained op, and the weight
+        # gradients of active modules and always-trained variables.
+        from keras_mat import flops
+
+        key = tuple(tuple(bool(b) for b in m) for m in self.active_np)
+        cost = self._step_cost.get(key)
+        if cost is None:
+            masks = {g.name: np.asarray(m, bool) for g, m in zip(self.families, self.active_np)}
+            cost = flops.step_flops(self.flops_report, masks, frozen_prefix="auto") * self.batch_size
+            self._step_cost[key] = cost
+        return cost
 
     def skip_from_masks(self, masks, frozen):
         skip = []
@@ -493,6 +528,12 @@ class _Dispatcher:
         if measuring:
             rt.next_skip = self._read_skip(out)
             rt.skip_history.append((rt.step - 1, rt.next_skip))
+            rt.cum_probe_flops += rt.probe_cost
+        if rt.flops_report is not None:
+            rt.cum_train_flops += rt.step_cost()
+            logs = out[0] if backends.name() == "jax" else out
+            logs["mat_train_flops"] = rt.cum_train_flops
+            logs["mat_total_flops"] = rt.cum_train_flops + rt.cum_probe_flops
         return out
 
     def _read_skip(self, out):
@@ -505,6 +546,7 @@ class _Dispatcher:
         else:
             masks = [ops.convert_to_numpy(s["mask"].value) for s in rt.state_vars]
             frozen = [ops.convert_to_numpy(s["frozen"].value) for s in rt.state_vars]
+        rt.active_np = [np.asarray(m) * (1.0 - np.asarray(z)) for m, z in zip(masks, frozen)]
         return rt.skip_from_masks(masks, frozen)
 
 
@@ -558,6 +600,26 @@ class _MeasureCallback(keras.callbacks.Callback):
 # --------------------------------------------------------------------------------------
 
 
+def _batch_size_of(x, kwargs, probe_data):
+    # Nominal batch size for FLOPs: fit's batch_size for arrays (default 32),
+    # else the first batch of a dataset (a short last batch is over-counted).
+    if kwargs.get("batch_size"):
+        return int(kwargs["batch_size"])
+    try:
+        import tensorflow as tf
+
+        if isinstance(x, tf.data.Dataset):
+            first = next(iter(x))
+            return int(np.shape(tree.flatten(first)[0])[0])
+    except ImportError:
+        pass
+    if isinstance(x, keras.utils.PyDataset):
+        return int(np.shape(tree.flatten(x[0])[0])[0])
+    if probe_data is not None and isinstance(x, (np.ndarray, dict, list, tuple)):
+        return min(32, _size(x))
+    return 32
+
+
 def _fit(self, x=None, y=None, *args, **kwargs):
     mat = find_mat_optimizer(getattr(self, "optimizer", None))
     callbacks = list(kwargs.pop("callbacks", None) or [])
@@ -598,11 +660,15 @@ def _fit(self, x=None, y=None, *args, **kwargs):
         self.train_function = None
     object.__setattr__(self, "_keras_mat_runtime", runtime)
     runtime.step = int(ops.convert_to_numpy(mat.iterations.value))
-    if runtime.active and self.steps_per_execution == 1 and getattr(mat, "skip_gradients", True):
-        runtime.next_skip = runtime.skip_from_masks(
-            [ops.convert_to_numpy(s["mask"].value) for s in runtime.state_vars],
-            [ops.convert_to_numpy(s["frozen"].value) for s in runtime.state_vars],
-        )
+    # With policy=None the masks are the user's: the skip set is taken from
+    # them here, at the start of fit (change masks between fits, not inside).
+    if self.steps_per_execution == 1 and getattr(mat, "skip_gradients", True):
+        masks = [ops.convert_to_numpy(s["mask"].value) for s in runtime.state_vars]
+        frozen = [ops.convert_to_numpy(s["frozen"].value) for s in runtime.state_vars]
+        runtime.next_skip = runtime.skip_from_masks(masks, frozen)
+        runtime.active_np = [np.asarray(m) * (1.0 - np.asarray(z)) for m, z in zip(masks, frozen)]
+        if runtime.flops_report is None and getattr(mat, "count_flops", True):
+            runtime.setup_flops(_batch_size_of(x, kwargs, probe_data))
         if not isinstance(self.train_function, _Dispatcher) or self.train_function.rt is not runtime:
             dispatcher = _Dispatcher(self, runtime)
             if self.train_function is not None:
