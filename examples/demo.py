@@ -183,6 +183,17 @@ def main(argv=None):
         f"active fraction of modules at the end of each epoch: {[round(a, 3) for a in active]}; "
         f"measurements: {int(keras.ops.convert_to_numpy(optimizer.num_measurements.value))}"
     )
+    from keras_mat import flops
+
+    report = flops.count_flops(model, args.batch_size)
+    steps = -(-len(x_train) // args.batch_size) * args.epochs
+    plain_flops = flops.step_flops(report, None, frozen_prefix="auto") * steps
+    print(
+        f"analytic training FLOPs: MAT {history.history['mat_train_flops'][-1]:.3e} "
+        f"({history.history['mat_train_flops'][-1] / plain_flops:.2f}x of plain {plain_flops:.3e}); "
+        f"with the lambda_max probes {history.history['mat_total_flops'][-1]:.3e} "
+        f"({history.history['mat_total_flops'][-1] / plain_flops:.2f}x)"
+    )
     if baseline is not None:
         print(
             f"plain AdamW, same model, data and seed: val accuracy {baseline[0]:.4f} in {baseline[1]:.1f} s "

@@ -167,7 +167,10 @@ class _Runtime:
         from keras_mat import flops
 
         try:
-            self.flops_report = flops.count_flops(self.model, 1, groups=self.families)
+            shapes = None
+            if self.probe_x is not None:
+                shapes = tree.map_structure(lambda a: tuple(np.shape(a)[1:]), self.probe_x)
+            self.flops_report = flops.count_flops(self.model, 1, input_shapes=shapes, groups=self.families)
         except Exception as err:  # FLOPs are reporting only: never block training
             warnings.warn(f"keras_mat: FLOPs accounting is off for this model ({err})", stacklevel=3)
             self.flops_report = None
