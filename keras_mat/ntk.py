@@ -132,6 +132,13 @@ def _resolve_loss(model, loss):
     return call
 
 
+def stateless_forward(model, trainable_values, non_trainable_values, x):
+    """Inference-mode `stateless_call`; `training=False` only if `call` takes it
+    (subclassed models may not), as Keras's own trainers do."""
+    kwargs = {"training": False} if getattr(model, "_call_has_training_arg", True) else {}
+    return model.stateless_call(trainable_values, non_trainable_values, x, **kwargs)
+
+
 # --------------------------------------------------------------------------------------
 # Scalarization: one row per (sample, output)
 # --------------------------------------------------------------------------------------
@@ -168,7 +175,8 @@ def scalarize(outputs, y, mode, loss_call=None):
 def output_size(model, x):
     """Number of outputs per sample of `model` on inputs shaped like `x`."""
     first = tree.map_structure(lambda t: t[:1], x)
-    out = model(first, training=False)
+    kwargs = {"training": False} if getattr(model, "_call_has_training_arg", True) else {}
+    out = model(first, **kwargs)
     return int(sum(int(np.prod(o.shape[1:])) for o in tree.flatten(out)))
 
 
@@ -285,7 +293,7 @@ class Probe:
                 values[pos] = val
             xb = tree.map_structure(lambda t: ops.expand_dims(t, 0), xi)
             yb = tree.map_structure(lambda t: ops.expand_dims(t, 0), yi)
-            out, _ = model.stateless_call(values, non_trainable_values, xb, training=False)
+            out, _ = stateless_forward(model, values, non_trainable_values, xb)
             return ops.reshape(scalarize(out, yb, mode, loss_call), (-1,))
 
         return fn
@@ -453,7 +461,7 @@ def _lanczos(model, groups, x, y, mode, loss_call, steps):
             values = list(trainable)
             for p, val in zip(pos, vals):
                 values[p] = val
-            out, _ = model.stateless_call(values, non_trainable, x, training=False)
+            out, _ = stateless_forward(model, values, non_trainable, x)
             return ops.reshape(scalarize(out, y, mode, loss_call), (-1,))
 
         vals = [trainable[p] for p in pos]

@@ -11,7 +11,7 @@ import numpy as np
 from keras import ops, tree
 
 from keras_mat import backends
-from keras_mat.ntk import resolve_groups
+from keras_mat.ntk import resolve_groups, stateless_forward
 
 
 def _rows_of_sample(out, yi, mode, loss):
@@ -74,7 +74,7 @@ def full_jacobian(model, x, groups, ntk_output, y=None, loss=None):
             values = list(trainable)
             for p, val in zip(pos, vals):
                 values[p] = val
-            out, _ = model.stateless_call(values, non_trainable, xi, training=False)
+            out, _ = stateless_forward(model, values, non_trainable, xi)
             return _rows_of_sample(out, yi, ntk_output, loss)
 
         k = int(kernel.to_numpy(outputs([trainable[p] for p in pos])).shape[0])

@@ -102,3 +102,40 @@ def probe_batch(model, n=4, seed=1):
     rng = np.random.RandomState(seed)
     shape = (n,) + tuple(model.inputs[0].shape[1:])
     return rng.randn(*shape).astype("float32")
+
+
+def conv_transpose(outputs=2):
+    inp = keras.Input((4, 4, 2))
+    x = keras.layers.Conv2DTranspose(3, 3, strides=2, name="ct")(inp)
+    x = keras.layers.Conv3D(2, 2, name="c3")(keras.layers.Reshape((9, 9, 3, 1))(x))
+    x = keras.layers.Flatten()(x)
+    return keras.Model(inp, keras.layers.Dense(outputs, name="fc")(x), name="conv_t")
+
+
+def nested_multi_io():
+    inner = keras.Sequential(
+        [keras.layers.Dense(5, activation="relu"), keras.layers.BatchNormalization(), keras.layers.Dense(4)],
+        name="inner",
+    )
+    a, b = keras.Input((3,), name="a"), keras.Input((2,), name="b")
+    h = inner(keras.layers.Concatenate()([a, b]))
+    out = {"o1": keras.layers.Dense(2, name="o1")(h), "o2": keras.layers.Dense(1, name="o2")(h)}
+    return keras.Model({"a": a, "b": b}, out, name="multi_io")
+
+
+class Subclassed(keras.Model):
+    """A subclassed model whose `call` takes no `training` argument."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.att = keras.layers.MultiHeadAttention(2, 3, value_dim=2, name="att")
+        self.out = keras.layers.Dense(2, name="out")
+
+    def call(self, x):
+        return self.out(ops.mean(self.att(x, x), axis=1))
+
+
+def cross_attention():
+    q, kv = keras.Input((3, 4)), keras.Input((5, 6))
+    h = keras.layers.MultiHeadAttention(3, 2, value_dim=4, name="xatt")(q, kv)
+    return keras.Model([q, kv], keras.layers.Dense(2, name="fc")(keras.layers.Flatten()(h)), name="xatt")

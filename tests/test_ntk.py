@@ -225,3 +225,27 @@ def test_backends_agree_on_identical_weights():
             for backend in ("tensorflow", "torch"):
                 other = results[backend][model_name][fam]
                 assert _rel_err(other, values) < 1e-4, (backend, model_name, fam, other, values)
+
+
+def _unusual(name):
+    rng = np.random.RandomState(3)
+    if name == "conv_transpose":
+        return models.conv_transpose(), rng.randn(3, 4, 4, 2).astype("float32")
+    if name == "nested_multi_io":
+        return models.nested_multi_io(), {
+            "a": rng.randn(3, 3).astype("float32"),
+            "b": rng.randn(3, 2).astype("float32"),
+        }
+    if name == "subclassed":
+        m = models.Subclassed()
+        m(np.zeros((1, 3, 4), "float32"))
+        return m, rng.randn(3, 3, 4).astype("float32")
+    m = models.cross_attention()
+    return m, [rng.randn(3, 3, 4).astype("float32"), rng.randn(3, 5, 6).astype("float32")]
+
+
+@pytest.mark.parametrize("name", ["conv_transpose", "nested_multi_io", "subclassed", "cross_attention"])
+def test_unusual_architectures_match_reference(name):
+    m, x = _unusual(name)
+    fast, _ = _check_against_reference(m, x, "logits")
+    assert len(fast) >= 2
