@@ -13,6 +13,7 @@ import keras_mat
 from keras_mat.callbacks import MATLogger, plot_lambda
 from keras_mat.optimizer import wrap
 from keras_mat.reference import module_selector
+from keras_mat.training import find_mat_optimizer
 from tests import models
 
 BACKEND = keras.config.backend()
@@ -44,7 +45,7 @@ class _Snapshots(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         _sync(self.model)
-        opt = self.model.optimizer
+        opt = find_mat_optimizer(self.model.optimizer)
         self.weights.append(
             [np.array(keras.ops.convert_to_numpy(v.value)) for v in self.model.trainable_variables]
         )
@@ -59,7 +60,7 @@ def _compile(model, jit, **mat):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         jit_compile=jit,
     )
-    return model.optimizer
+    return find_mat_optimizer(model.optimizer)
 
 
 def _module_slices(model, step_weights, group, module):
@@ -313,3 +314,23 @@ def test_frozen_variables_get_no_weight_gradient_and_same_result():
     np.testing.assert_allclose(hist.history["loss"], hist2.history["loss"], rtol=1e-6)
     for a, b in zip(snaps.weights[-1], snaps2.weights[-1]):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(
+    BACKEND == "jax", reason="JAX on CPU cannot run float16 matmuls (fails without keras_mat too)."
+)
+def test_mixed_precision_fit_nests_in_loss_scale_optimizer():
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        m = models.set_weights_deterministic(keras_mat.annotate(models.mha()))
+        opt = _compile(m, False)
+        assert isinstance(m.optimizer, keras.optimizers.LossScaleOptimizer)
+        x, y = _data(m, n=32)
+        snaps = _Snapshots()
+        hist = m.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False, callbacks=[snaps])
+    finally:
+        keras.config.set_dtype_policy("float32")
+    _check_masked_modules_unchanged(m, snaps)
+    assert np.all(np.isfinite(hist.history["loss"]))
+    assert int(keras.ops.convert_to_numpy(opt.num_measurements.value)) == 4
+    assert all(np.all(v > 0) for v in opt.lambda_max.values())
