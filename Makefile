@@ -25,7 +25,7 @@ test: install
 	$(BIN)/ruff check keras_mat tests examples benchmarks
 	@status=0; for b in $(BACKENDS); do \
 		echo "=== KERAS_BACKEND=$$b ==="; \
-		KERAS_BACKEND=$$b TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python -m pytest -q -p no:cacheprovider tests || status=1; \
+		KERAS_BACKEND=$$b TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python -m pytest -q -p no:cacheprovider --doctest-modules keras_mat tests || status=1; \
 	done; exit $$status
 
 lint: install

@@ -58,9 +58,7 @@ def bert(args):
         "mask_positions": np.sort(rng.rand(n, args.seq).argsort(axis=1)[:, :masked], axis=1).astype("int32"),
     }
     y = rng.randint(1, args.vocab, (n, masked)).astype("int32")
-    model(
-        {k: v[:1] for k, v in x.items()}
-    )  # build
+    model({k: v[:1] for k, v in x.items()})  # build
     layers = [f"transformer_layer_{i}" for i in range(args.bert_layers)]
     return model, x, y, layers, "embedding"
 
@@ -142,7 +140,7 @@ def run_model(name, args):
     timer = _Timer()
     steps = args.steps + 2  # two warm-up steps per fit are not timed
     for r in range(args.rounds):
-        for i, (frac, with_bottom, off) in enumerate(configs):
+        for i, (_, _, off) in enumerate(configs):
             opt.set_masks({g.name: np.ones(g.num_modules, bool) for g in groups})
             opt.set_masks({n: np.zeros([g for g in groups if g.name == n][0].num_modules, bool) for n in off})
             timer.cb.times = []
@@ -200,7 +198,9 @@ def main():
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"meta": meta, "rows": results}, f, indent=1)
-    print(f"| backend | model | frozen from bottom | embeddings/stem frozen | step ms | time ratio | FLOPs ratio |")
+    print(
+        "| backend | model | frozen from bottom | embeddings/stem frozen | step ms | time ratio | FLOPs ratio |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in results:
         print(

@@ -457,8 +457,8 @@ def annotate(model, groups="auto", conv_modules=None, exclude=(), embeddings=Fal
     >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4),
     ...                           keras.layers.Dense(2)])
     >>> _ = annotate(model)
-    >>> [g.name for g in get_groups(model)]
-    ['sequential/dense', 'sequential/dense_1']
+    >>> [(g.kind, g.num_modules) for g in get_groups(model)]
+    [('layer', 1), ('layer', 1)]
     """
     if not isinstance(model, keras.layers.Layer):
         raise TypeError(f"`model` must be a Keras model or layer. Received: model={model!r}")

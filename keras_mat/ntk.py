@@ -549,8 +549,8 @@ def module_lambda_max(
 
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     >>> lam = module_lambda_max(model, np.ones((8, 4), "float32"))
-    >>> lam["dense"].shape
-    (1,)
+    >>> [v.shape for v in lam.values()]
+    [(1,)]
     """
     _check_option("ntk_output", ntk_output, NTK_OUTPUTS)
     _check_option("method", method, METHODS)

@@ -592,7 +592,7 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
 
         Example:
 
-        >>> opt.set_masks({"mha/heads": [True, False]})
+        >>> opt.set_masks({"mha/heads": [True, False]})  # doctest: +SKIP
         """
         self._check_built("set_masks")
         if not isinstance(masks, dict):
