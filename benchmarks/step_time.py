@@ -114,7 +114,7 @@ def run_model(name, args):
     from keras_mat import flops
 
     model, x, y, layers, bottom = {"bert": bert, "vgg": vgg}[name](args)
-    keras_mat.annotate(model, embeddings=True)
+    keras_mat.annotate(model, embeddings=True, norms=True)
     groups = keras_mat.get_groups(model)
     opt = keras_mat.wrap(keras.optimizers.Adam(1e-4), policy=None)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)

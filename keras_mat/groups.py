@@ -316,8 +316,18 @@ def _embedding_group(layer):
     return ModuleGroup(f"{_layer_name(layer)}/embedding", variables, None, 1, kind="layer")
 
 
+def _is_norm(layer):
+    # LayerNormalization, BatchNormalization, GroupNormalization, RMSNormalization...
+    return type(layer).__name__.endswith("Normalization")
+
+
 def discover_groups(
-    model, conv_modules=None, include=("head", "filter", "expert", "layer"), exclude=(), embeddings=False
+    model,
+    conv_modules=None,
+    include=("head", "filter", "expert", "layer"),
+    exclude=(),
+    embeddings=False,
+    norms=False,
 ):
     """Finds the module families of `model` automatically.
 
@@ -337,6 +347,12 @@ def discover_groups(
             (the spec trains embeddings always). keras-hub ties the token
             embedding to the masked-LM output projection: stopping it stops
             both.
+        norms: Also make each normalization layer (its scale and offset) one
+            whole-layer module. Off by default (the spec trains norms always),
+            but while a block's norms train, back-propagation must reach them,
+            so a frozen transformer bottom saves only weight gradients. For
+            the same reason it also makes each attention layer's output bias
+            (shared by all heads) a whole-layer module.
 
     Returns:
         A list of `ModuleGroup`, one per attention layer (heads), conv layer
@@ -385,6 +401,11 @@ def discover_groups(
             g = _attention_group(layer)
             if g is not None:
                 claim(g)
+                bias = getattr(getattr(layer, "_output_dense", None), "bias", None)
+                if norms and bias is not None and bias.trainable:
+                    # Shared by all heads, so not in the head family; with
+                    # norms=True every parameter of a block is under MAT.
+                    claim(ModuleGroup(f"{_layer_name(layer)}/output_bias", [bias], None, 1, kind="layer"))
         elif "expert" in include:
             g = _expert_group(layer)
             if g is not None:
@@ -396,6 +417,10 @@ def discover_groups(
             g = _embedding_group(layer)
             if g is not None:
                 claim(g)
+        elif norms and _is_norm(layer):
+            variables = _own_trainable(layer)
+            if variables:
+                claim(ModuleGroup(f"{_layer_name(layer)}/norm", variables, None, 1, kind="layer"))
         elif isinstance(layer, conv_types):
             if "filter" in include:
                 for g in _conv_group(layer, conv_modules) or []:
@@ -424,7 +449,7 @@ def _check_no_overlap(groups):
         raise ValueError(f"Module family names must be unique. Received: duplicate names={dupes}")
 
 
-def annotate(model, groups="auto", conv_modules=None, exclude=(), embeddings=False):
+def annotate(model, groups="auto", conv_modules=None, exclude=(), embeddings=False, norms=False):
     """Declares the modules of `model` and enables MAT on it.
 
     Records the module families on the model and on each of their variables,
@@ -443,6 +468,8 @@ def annotate(model, groups="auto", conv_modules=None, exclude=(), embeddings=Fal
         exclude: Layers, or regular expressions matched against layer paths,
             that automatic discovery must leave out (they stay always trained).
         embeddings: Put embedding layers under MAT's control (one whole-layer
+            module each; see `discover_groups`).
+        norms: Put normalization layers under MAT's control (one whole-layer
             module each; see `discover_groups`).
 
     Returns:
@@ -497,7 +524,9 @@ def annotate(model, groups="auto", conv_modules=None, exclude=(), embeddings=Fal
     final = list(explicit)
     if want_auto:
         taken = {_var_key(v) for g in explicit for v in g.variables}
-        for g in discover_groups(model, conv_modules=conv_modules, exclude=exclude, embeddings=embeddings):
+        for g in discover_groups(
+            model, conv_modules=conv_modules, exclude=exclude, embeddings=embeddings, norms=norms
+        ):
             if not any(_var_key(v) in taken for v in g.variables):
                 final.append(g)
     _check_no_overlap(final)

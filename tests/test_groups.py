@@ -140,3 +140,23 @@ def test_annotate_needs_built_model():
     m = keras.Sequential([keras.layers.Dense(2)])
     with pytest.raises(ValueError, match="not built"):
         keras_mat.annotate(m)
+
+
+def test_embeddings_and_norms_options():
+    import keras_hub
+
+    inp = keras.Input((5,), dtype="int32")
+    x = keras_hub.layers.TokenAndPositionEmbedding(20, 5, 8, name="emb")(inp)
+    x = keras_hub.layers.TransformerEncoder(12, 2, name="enc")(x)
+    out = keras.layers.Dense(2, name="cls")(keras.layers.GlobalAveragePooling1D()(x))
+    m = keras.Model(inp, out)
+    default = _names(keras_mat.annotate(m))
+    assert not any(k.endswith("/embedding") or k.endswith("/norm") for k in default)
+    both = _names(keras_mat.annotate(m, embeddings=True, norms=True))
+    emb = [k for k in both if k.endswith("/embedding")]
+    norms = [k for k in both if k.endswith("/norm")]
+    assert emb and all(both[k].kind == "layer" and both[k].num_modules == 1 for k in emb)
+    assert len(norms) == 2  # the encoder's attention and feed-forward LayerNorms
+    # Everything trainable is now in some module, the heads' shared output bias included.
+    assert all(group_of(v)[0] is not None for v in m.trainable_variables)
+    assert both["enc/self_attention_layer/output_bias"].kind == "layer"
