@@ -50,7 +50,7 @@ def bert(args):
     )
     model = keras_hub.models.BertMaskedLM(backbone=backbone, preprocessor=None)
     rng = np.random.RandomState(0)
-    n, masked = args.batch_size * 4, 20
+    n, masked = args.batch_size * (args.steps + 2), 20
     x = {
         "token_ids": rng.randint(1, args.vocab, (n, args.seq)).astype("int32"),
         "segment_ids": np.zeros((n, args.seq), "int32"),
@@ -82,8 +82,8 @@ def vgg(args):
     out = keras.layers.Dense(10, name="fc2")(h)
     model = keras.Model(inp, out, name="vgg")
     rng = np.random.RandomState(0)
-    x = rng.rand(args.batch_size * 4, 32, 32, 3).astype("float32")
-    y = rng.randint(0, 10, args.batch_size * 4)
+    x = rng.rand(args.batch_size * (args.steps + 2), 32, 32, 3).astype("float32")
+    y = rng.randint(0, 10, args.batch_size * (args.steps + 2))
     # The first conv is the "stem"; the rest are the layers frozen from the bottom.
     return model, x, y, names[1:], names[0]
 

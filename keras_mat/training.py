@@ -154,6 +154,7 @@ class _Runtime:
         self.step = None
         self.num_compiles = 0
         self.skip_history = []
+        self.traces = {}  # skip set -> times its step was traced (JAX/TF) or run (torch)
         # Analytic FLOPs (keras_mat.flops), accumulated host-side per step.
         self.flops_report = None
         self.batch_size = None
@@ -503,14 +504,32 @@ class _Dispatcher:
         self.cache = {}
         self.order = []
 
+    def _keyed_step(self, installed, key):
+        # A distinct function object per skip set: JAX caches traces by the
+        # function's identity, so jit-wrapping the same bound method again
+        # would silently reuse the first variant's trace.
+        rt = self.rt
+
+        def step(*args):
+            rt.skip = key
+            rt.traces[key] = rt.traces.get(key, 0) + 1  # Python: runs per trace (JAX/TF)
+            return installed(*args)
+
+        return step
+
     def _function(self, key):
         fn = self.cache.get(key)
         if fn is None:
             model = self.model
-            model.train_function = None
-            type(model).make_train_function(model, force=True)
-            fn = model.train_function
-            model.train_function = self
+            installed = model.train_step
+            object.__setattr__(model, "train_step", self._keyed_step(installed, key))
+            try:
+                model.train_function = None
+                type(model).make_train_function(model, force=True)
+                fn = model.train_function
+            finally:
+                object.__setattr__(model, "train_step", installed)
+                model.train_function = self
             self.cache[key] = fn
             self.rt.num_compiles += 1
             while len(self.cache) > self.max_cached:
@@ -525,8 +544,9 @@ class _Dispatcher:
         rt = self.rt
         measuring = rt.active and rt.step % rt.probe_every == 0
         key = () if measuring else rt.next_skip
-        rt.skip = key
-        out = self._function(key)(*args)
+        fn = self._function(key)
+        rt.skip = key  # torch's step looks up train_step per call; JAX/TF pinned it at trace
+        out = fn(*args)
         rt.step += 1
         if measuring:
             rt.next_skip = self._read_skip(out)
@@ -560,14 +580,21 @@ def step_cache_info(model):
         A dict: `num_compiles` (compiled step variants built, one per distinct
         skip set; 0 on torch's eager step would still count variants),
         `cached` (skip sets currently cached), `skip_history` (list of
-        `(step, skipped trainable-variable indices)` after each measurement).
+        `(step, skipped trainable-variable indices)` after each measurement),
+        `traces` (skip set -> number of times its step was traced on JAX/TF,
+        or run on torch).
     """
     rt = getattr(model, "_keras_mat_runtime", None)
     if rt is None:
         return {"num_compiles": 0, "cached": [], "skip_history": []}
     fn = model.train_function
     cached = list(fn.cache) if isinstance(fn, _Dispatcher) else []
-    return {"num_compiles": rt.num_compiles, "cached": cached, "skip_history": list(rt.skip_history)}
+    return {
+        "num_compiles": rt.num_compiles,
+        "cached": cached,
+        "skip_history": list(rt.skip_history),
+        "traces": dict(rt.traces),
+    }
 
 
 # --------------------------------------------------------------------------------------
