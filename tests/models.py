@@ -128,7 +128,7 @@ class Subclassed(keras.Model):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.att = keras.layers.MultiHeadAttention(2, 3, value_dim=2, name="att")
+        self.att = keras.layers.MultiHeadAttention(2, 3, name="att")  # value_dim != key_dim breaks Keras on JAX
         self.out = keras.layers.Dense(2, name="out")
 
     def call(self, x):
@@ -137,5 +137,5 @@ class Subclassed(keras.Model):
 
 def cross_attention():
     q, kv = keras.Input((3, 4)), keras.Input((5, 6))
-    h = keras.layers.MultiHeadAttention(3, 2, value_dim=4, name="xatt")(q, kv)
+    h = keras.layers.MultiHeadAttention(3, 2, name="xatt")(q, kv)
     return keras.Model([q, kv], keras.layers.Dense(2, name="fc")(keras.layers.Flatten()(h)), name="xatt")
