@@ -244,7 +244,7 @@ def run_model(name, args, backend):
         if backend == "torch":
             from keras_mat.backends import torch as tk
 
-            tk._fallback_warned.clear()
+            tk._vmap_failed.clear()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             t0 = time.perf_counter()

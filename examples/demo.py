@@ -64,6 +64,27 @@ def build_model():
     return keras.Model(inp, out, name="demo")
 
 
+def train(model, optimizer, train_data, val_data, args, callbacks=(), verbose=0):
+    """Compiles and fits one model of the comparison; returns (History, seconds)."""
+    import keras
+
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    start = time.perf_counter()
+    history = model.fit(
+        *train_data,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        validation_data=val_data,
+        callbacks=list(callbacks),
+        verbose=verbose,
+    )
+    return history, time.perf_counter() - start
+
+
 def table(title, header, rows):
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
     line = "  ".join(str(h).ljust(w) for h, w in zip(header, widths))
@@ -103,24 +124,9 @@ def main(argv=None):
         # 10x more per probe on CPU; see README "Choosing ntk_output".
         ntk_output=args.ntk_output,
     )
-    model.compile(
-        optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
     os.makedirs(args.out_dir, exist_ok=True)
     logger = MATLogger(os.path.join(args.out_dir, "mat_log.csv"))
-    start = time.perf_counter()
-    history = model.fit(
-        x_train,
-        y_train,
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        validation_data=(x_test, y_test),
-        callbacks=[logger],
-        verbose=2,
-    )
-    seconds = time.perf_counter() - start
+    history, seconds = train(model, optimizer, (x_train, y_train), (x_test, y_test), args, [logger], 2)
     after = keras_mat.module_lambda_max(model, probe, ntk_output=args.ntk_output)
     masks, frozen = optimizer.masks, optimizer.frozen
 
@@ -163,21 +169,10 @@ def main(argv=None):
     if args.baseline:
         keras.utils.set_random_seed(0)
         plain = build_model()
-        plain.compile(
-            optimizer=keras.optimizers.AdamW(2e-3),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
+        hist, plain_seconds = train(
+            plain, keras.optimizers.AdamW(2e-3), (x_train, y_train), (x_test, y_test), args
         )
-        t0 = time.perf_counter()
-        hist = plain.fit(
-            x_train,
-            y_train,
-            batch_size=args.batch_size,
-            epochs=args.epochs,
-            validation_data=(x_test, y_test),
-            verbose=0,
-        )
-        baseline = (hist.history["val_accuracy"][-1], time.perf_counter() - t0)
+        baseline = (hist.history["val_accuracy"][-1], plain_seconds)
     print(
         f"\nMAT: trained {args.epochs} epochs in {seconds:.1f} s; val accuracy {history.history['val_accuracy'][-1]:.4f}; "
         f"active fraction of modules at the end of each epoch: {[round(a, 3) for a in active]}; "

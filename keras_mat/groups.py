@@ -268,9 +268,6 @@ def _conv_group(layer, conv_modules):
     if isinstance(layer, (BaseConv, BaseConvTranspose)):
         k = layer.kernel
         kaxis = -2 if isinstance(layer, BaseConvTranspose) else -1
-        if getattr(layer, "groups", 1) not in (1, None) and not isinstance(layer, BaseConvTranspose):
-            # Grouped convolution: output filters are still the last kernel axis.
-            pass
         variables, axes = ([k], [kaxis]) if k.trainable else ([], [])
         if bias is not None and bias.trainable:
             variables.append(bias)
@@ -565,13 +562,3 @@ def groups_from_variables(variables: Sequence):
             seen.add(id(g))
             out.append(g)
     return out
-
-
-def module_mask_shape(variable, axis, num_modules):
-    """Shape to which a `(num_modules,)` mask is reshaped to broadcast over
-    `variable` after repeating each entry `size // num_modules` times along
-    `axis`."""
-    shape = [1] * len(variable.shape)
-    if axis is not None:
-        shape[axis] = variable.shape[axis]
-    return tuple(shape)

@@ -20,6 +20,7 @@ from keras import ops, tree
 
 from keras_mat import backends
 from keras_mat.groups import ModuleGroup, discover_groups, get_groups
+from keras_mat.policy import expand_mask
 
 NTK_OUTPUTS = ("auto", "logits", "sum", "loss")
 METHODS = ("gram", "lanczos")
@@ -305,9 +306,15 @@ class Probe:
         itemsize = 4 if "64" not in str(trainable[self.entries[0][0]].dtype) else 8
         return _chunks(sizes, rows, itemsize, self.max_probe_bytes)
 
-    def _chunk_fn(self, chunk):
+    def _chunk_fn(self, chunk, compiled):
+        """The per-chunk Gram kernel (cached): `(probe positions, families,
+        fn(probe_values, trainable, non_trainable, x, y) -> list of Grams)`."""
+        cached = self._kernels.get((tuple(chunk), compiled))
+        if cached is not None:
+            return cached
         entries = [self.entries[i] for i in chunk]
         probe_pos = [e[0] for e in entries]
+        fams = sorted({e[1] for e in entries})
         kernel = backends.get()
 
         def run(probe_values, trainable_values, non_trainable_values, x, y):
@@ -320,59 +327,40 @@ class Probe:
                     jac = ops.cast(jac, "float32")
                 c = module_gram(jac, axis, g)
                 grams[fam] = c if fam not in grams else grams[fam] + c
-            fams = sorted(grams)
-            return fams, [grams[f] for f in fams]
+            return [grams[f] for f in fams]
 
-        return run, probe_pos
+        if compiled:
+            run = kernel.compile_probe(run, xla=self._xla)
+        self._kernels[(tuple(chunk), compiled)] = (probe_pos, fams, run)
+        return probe_pos, fams, run
 
-    def from_values(self, trainable_values, non_trainable_values, x, y=None):
-        """Pure measurement: list of `(G,)` lambda_max, one per family."""
+    def _measure(self, trainable_values, non_trainable_values, x, y, compiled):
         n = _batch_size(x)
         if y is None:
             y = ops.zeros((n,), dtype="float32")
         grams = [None] * len(self.groups)
         for chunk in self._chunk_plan(n):
-            run, probe_pos = self._chunk_fn(chunk)
+            probe_pos, fams, run = self._chunk_fn(chunk, compiled)
             probe_values = [trainable_values[p] for p in probe_pos]
-            fams, parts = run(probe_values, trainable_values, non_trainable_values, x, y)
-            for f, c in zip(fams, parts):
-                grams[f] = c if grams[f] is None else grams[f] + c
-        return [top_eigenvalues(g) for g in grams]
-
-    def _compiled(self, key, chunk):
-        fn = self._kernels.get(key)
-        if fn is None:
-            run, probe_pos = self._chunk_fn(chunk)
-
-            def pure(probe_values, trainable_values, non_trainable_values, x, y):
-                return run(probe_values, trainable_values, non_trainable_values, x, y)[1]
-
-            fams = sorted({self.entries[i][1] for i in chunk})
-            fn = (backends.get().compile_probe(pure, xla=self._xla), probe_pos, fams)
-            self._kernels[key] = fn
-        return fn
-
-    def __call__(self, x, y=None):
-        """Measures lambda_max now; returns a list of `(G,)` tensors."""
-        n = _batch_size(x)
-        x = tree.map_structure(ops.convert_to_tensor, x)
-        y = ops.zeros((n,), dtype="float32") if y is None else tree.map_structure(ops.convert_to_tensor, y)
-        trainable = [v.value for v in self.model.trainable_variables]
-        non_trainable = [v.value for v in self.model.non_trainable_variables]
-        if backends.name() == "tensorflow":
-            import tensorflow as tf
-
-            trainable = [tf.convert_to_tensor(v) for v in trainable]
-            non_trainable = [tf.convert_to_tensor(v) for v in non_trainable]
-        grams = [None] * len(self.groups)
-        shape_key = tuple(tuple(t.shape) for t in tree.flatten(x))
-        for c, chunk in enumerate(self._chunk_plan(n)):
-            fn, probe_pos, fams = self._compiled((c, tuple(chunk), shape_key), chunk)
-            probe_values = [trainable[p] for p in probe_pos]
-            parts = fn(probe_values, trainable, non_trainable, x, y)
-            for f, part in zip(fams, parts):
+            for f, part in zip(fams, run(probe_values, trainable_values, non_trainable_values, x, y)):
                 grams[f] = part if grams[f] is None else grams[f] + part
         return [top_eigenvalues(g) for g in grams]
+
+    def from_values(self, trainable_values, non_trainable_values, x, y=None):
+        """Pure measurement (traceable inside a compiled training step): list of
+        `(G,)` lambda_max, one per family."""
+        return self._measure(trainable_values, non_trainable_values, x, y, compiled=False)
+
+    def __call__(self, x, y=None):
+        """Measures lambda_max now from the variables' current values (never
+        cached: JAX donates buffers), with compiled kernels; returns a list of
+        `(G,)` tensors."""
+        x = tree.map_structure(ops.convert_to_tensor, x)
+        y = None if y is None else tree.map_structure(ops.convert_to_tensor, y)
+        # ops.convert_to_tensor: a tensor snapshot (TF would otherwise pass tf.Variables).
+        trainable = [ops.convert_to_tensor(v.value) for v in self.model.trainable_variables]
+        non_trainable = [ops.convert_to_tensor(v.value) for v in self.model.non_trainable_variables]
+        return self._measure(trainable, non_trainable, x, y, compiled=True)
 
 
 def _is_conv_only(model):
@@ -451,10 +439,10 @@ def _lanczos(model, groups, x, y, mode, loss_call, steps):
     y = ops.zeros((n,), dtype="float32") if y is None else tree.map_structure(ops.convert_to_tensor, y)
     trainable_vars = model.trainable_variables
     index = {id(v): i for i, v in enumerate(trainable_vars)}
+    trainable = [ops.convert_to_tensor(v.value) for v in trainable_vars]
+    non_trainable = [ops.convert_to_tensor(v.value) for v in model.non_trainable_variables]
     results = []
     for g in groups:
-        trainable = [ops.convert_to_tensor(v.value) for v in trainable_vars]
-        non_trainable = [ops.convert_to_tensor(v.value) for v in model.non_trainable_variables]
         pos = [index[id(v)] for v in g.variables]
 
         def fn(vals, pos=pos, trainable=trainable, non_trainable=non_trainable):
@@ -470,17 +458,11 @@ def _lanczos(model, groups, x, y, mode, loss_call, steps):
         dtype = out.dtype
         lam = []
         for m in range(g.num_modules):
-            masks = []
-            for v, axis in zip(g.variables, g.axes):
-                if axis is None:
-                    masks.append(None)
-                    continue
-                block = v.shape[axis] // g.num_modules
-                shape = [1] * len(v.shape)
-                shape[axis] = v.shape[axis]
-                sel = np.zeros(v.shape[axis], dtype=np.float32)
-                sel[m * block : (m + 1) * block] = 1
-                masks.append(ops.cast(ops.reshape(ops.convert_to_tensor(sel), shape), v.dtype))
+            one_hot = ops.convert_to_tensor(np.eye(g.num_modules, dtype=np.float32)[m])
+            masks = [
+                None if axis is None else ops.cast(expand_mask(one_hot, tuple(v.shape), axis), v.dtype)
+                for v, axis in zip(g.variables, g.axes)
+            ]
 
             def matvec(u, masks=masks, fn=fn, vals=vals, pullback=pullback, dtype=dtype):
                 ut = ops.convert_to_tensor(u.astype(np.float32), dtype=dtype)

@@ -23,6 +23,7 @@ from keras.src import backend as keras_backend
 from keras.src.utils import tracking
 
 from keras_mat import groups as groups_lib
+from keras_mat.policy import expand_mask
 
 _NTK_OUTPUTS = ("auto", "logits", "sum", "loss")
 _THRESHOLD_SCOPES = ("auto", "global", "per_layer")
@@ -31,7 +32,7 @@ _PROBES = ("fixed", "batch")
 
 # Order matters: it is the order of the variables in `optimizer.variables`,
 # which is how Keras saves and restores optimizer state.
-STATE_NAMES = ("mask", "frozen", "lambda_max", "lambda_init", "delta_prev", "delta_first", "updated")
+STATE_NAMES = ("mask", "frozen", "lambda_max", "lambda_init", "delta_prev", "delta_first")
 _STATE_INIT = {
     "mask": 1.0,
     "frozen": 0.0,
@@ -39,7 +40,6 @@ _STATE_INIT = {
     "lambda_init": 0.0,
     "delta_prev": 0.0,
     "delta_first": 0.0,
-    "updated": 1.0,
 }
 
 
@@ -58,23 +58,6 @@ def _optimizer_chain(optimizer):
         chain.append(optimizer)
         optimizer = getattr(optimizer, "inner_optimizer", None)
     return chain
-
-
-def _mask_condition(keep, axis, num_modules, shape):
-    """Boolean tensor broadcastable to `shape`: True where the update is kept.
-
-    `keep` is the `(num_modules,)` boolean mask of a family; each entry is
-    repeated `size // num_modules` times along `axis` (module `i` owns the
-    `i`-th contiguous block), and `axis=None` means the whole tensor.
-    """
-    rank = len(shape)
-    if axis is None:
-        return ops.reshape(keep, (1,) * rank) if rank else ops.reshape(keep, ())
-    size = shape[axis]
-    cond = ops.repeat(keep, size // num_modules, axis=0) if size != num_modules else keep
-    target = [1] * rank
-    target[axis] = size
-    return ops.reshape(cond, target)
 
 
 @keras.saving.register_keras_serializable(package="keras_mat")
@@ -444,7 +427,7 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
                 continue
             i, axis = p
             new = ops.convert_to_tensor(new)
-            cond = _mask_condition(keep[i], axis, self._family_sizes[i], tuple(new.shape))
+            cond = expand_mask(keep[i], tuple(new.shape), axis)
             out.append(ops.where(cond, new, ops.convert_to_tensor(old, dtype=new.dtype)))
         return out
 
@@ -472,7 +455,7 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
                     continue
                 i, axis = p
                 new = v.value
-                cond = _mask_condition(keep[i], axis, self._family_sizes[i], tuple(v.shape))
+                cond = expand_mask(keep[i], tuple(v.shape), axis)
                 v.assign(ops.where(cond, new, old))
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):

@@ -109,6 +109,10 @@ def capture_probe_set(x, y, n):
 # --------------------------------------------------------------------------------------
 
 
+# MAT state the policy rewrites, in `policy.PolicyState` field order.
+_KEYS = ("mask", "frozen", "lambda_init", "delta_prev", "delta_first")
+
+
 class _Runtime:
     def __init__(self, model, mat, probe_data):
         from keras_mat import ntk
@@ -121,6 +125,8 @@ class _Runtime:
         self.fixed = mat.probe == "fixed" and probe_x is not None
         self.probe_x = probe_x
         self.probe_y = probe_y
+        if self.fixed:  # converted once; a constant of the compiled step
+            self.fixed_probe = tree.map_structure(ops.convert_to_tensor, (probe_x, probe_y))
         sample = probe_x
         mode = mat.ntk_output
         if mode == "auto":
@@ -135,7 +141,7 @@ class _Runtime:
         if mode == "loss":
             loss = model.loss
         self.probe = ntk.get_probe(model, groups, mode, loss=loss, x=sample)
-        self.scopes = policy.scope_ids([g.kind for g in groups], _scope(mat.threshold_scope))
+        self.scopes = policy.scope_ids([g.kind for g in groups], mat.threshold_scope)
         self.alpha = float(mat.alpha)
         self.beta = float(mat.beta)
         self.warmup = int(mat.warmup)
@@ -143,6 +149,12 @@ class _Runtime:
         self.samples = int(mat.probe_samples)
         self.active = mat.policy == "mat"
         self.state_vars = [mat.mat_state[g.name] for g in groups]
+        # Where the MAT state sits in `model.optimizer.variables` (the JAX
+        # step's optimizer state and the dispatcher read it by position).
+        index = {id(v): i for i, v in enumerate(model.optimizer.variables)}
+        self.positions = {k: [index[id(s[k])] for s in self.state_vars] for k in _KEYS + ("lambda_max",)}
+        self.iterations_position = index[id(mat.iterations)]
+        self.measurements_position = index[id(mat.num_measurements)]
         self.total_modules = float(sum(g.num_modules for g in groups))
         self.config = self._config(mat)
         # Weight-gradient skipping (see _Dispatcher): indices of trainable
@@ -222,22 +234,17 @@ class _Runtime:
             return False
         if probe_data is None:
             return True
-        same = tree.map_structure(np.array_equal, tree.flatten(probe_data[0]), tree.flatten(self.probe_x))
-        if self.probe_y is not None or probe_data[1] is not None:
-            if (self.probe_y is None) != (probe_data[1] is None):
-                return False
-            same += tree.map_structure(
-                np.array_equal, tree.flatten(probe_data[1]), tree.flatten(self.probe_y)
-            )
-        return all(same)
+        if (self.probe_y is None) != (probe_data[1] is None):
+            return False
+        mine = tree.flatten((self.probe_x, self.probe_y))
+        theirs = tree.flatten(probe_data)
+        return len(mine) == len(theirs) and all(np.array_equal(a, b) for a, b in zip(mine, theirs))
 
     def probe_batch(self, data):
         from keras.src.trainers.data_adapters import data_adapter_utils
 
         if self.fixed:
-            px = tree.map_structure(ops.convert_to_tensor, self.probe_x)
-            py = None if self.probe_y is None else tree.map_structure(ops.convert_to_tensor, self.probe_y)
-            return px, py
+            return self.fixed_probe
         x, y, _ = data_adapter_utils.unpack_x_y_sample_weight(data)
         n = tree.flatten(x)[0].shape[0]
         if n is not None and n < self.samples:
@@ -263,23 +270,22 @@ class _Runtime:
         new = policy.policy_update(lam, state, self.alpha, self.beta, self.scopes, warmup=self.warmup)
         return new, lam
 
-    def fractions(self, masks, frozen):
+    def with_fractions(self, logs, masks, frozen):
+        """`logs` plus the fractions of modules updated and stopped (progress
+        bar and History)."""
         active = sum(
             ops.sum(ops.cast(m, "float32") * (1.0 - ops.cast(f, "float32"))) for m, f in zip(masks, frozen)
         )
         stopped = sum(ops.sum(ops.cast(f, "float32")) for f in frozen)
-        return active / self.total_modules, stopped / self.total_modules
-
-
-def _scope(threshold_scope):
-    return threshold_scope
+        logs = dict(logs)
+        logs["mat_active"] = active / self.total_modules
+        logs["mat_frozen"] = stopped / self.total_modules
+        return logs
 
 
 # --------------------------------------------------------------------------------------
 # Backend train steps
 # --------------------------------------------------------------------------------------
-
-_KEYS = ("mask", "frozen", "lambda_init", "delta_prev", "delta_first")
 
 
 def _jax_train_step(self, state, data):
@@ -287,54 +293,100 @@ def _jax_train_step(self, state, data):
     if rt is None:
         return type(self).train_step(self, state, data)
     tv, ntv, ov, mv = state
-    opt_vars = self.optimizer.variables
-    index = {id(v): i for i, v in enumerate(opt_vars)}
-    pos = {key: [index[id(s[key])] for s in rt.state_vars] for key in _KEYS + ("lambda_max",)}
-    it_pos = index[id(rt.mat.iterations)]
-    n_pos = index[id(rt.mat.num_measurements)]
+    pos = rt.positions
 
     def measure(ov):
         px, py = rt.probe_batch(data)
         lam = rt.probe.from_values(list(tv), list(ntv), px, py)
         read = {k: [ov[i] for i in pos[k]] for k in _KEYS}
-        new, lam = rt.policy_step(
-            lam,
-            read["mask"],
-            read["frozen"],
-            read["lambda_init"],
-            read["delta_prev"],
-            read["delta_first"],
-            ov[n_pos],
-        )
+        new, lam = rt.policy_step(lam, *(read[k] for k in _KEYS), ov[rt.measurements_position])
         ov = list(ov)
-        for key, values in zip(
-            _KEYS, (new.masks, new.frozen, new.lambda_init, new.delta_prev, new.delta_first)
-        ):
+        for key, values in zip(_KEYS + ("lambda_max",), (*new[:5], lam)):
             for i, val in zip(pos[key], values):
                 ov[i] = ops.cast(val, ov[i].dtype)
-        for i, val in zip(pos["lambda_max"], lam):
-            ov[i] = ops.cast(val, ov[i].dtype)
-        ov[n_pos] = ops.cast(new.measurement, ov[n_pos].dtype)
+        n = rt.measurements_position
+        ov[n] = ops.cast(new.measurement, ov[n].dtype)
         return ov
 
     if rt.active:
-        do = ops.equal(ops.mod(ov[it_pos], rt.probe_every), 0)
+        do = ops.equal(ops.mod(ov[rt.iterations_position], rt.probe_every), 0)
         ov = ops.cond(do, lambda: measure(ov), lambda: list(ov))
     if rt.skip:
         logs, state = _jax_skipping_step(self, (tv, ntv, ov, mv), data, set(rt.skip))
     else:
         logs, state = type(self).train_step(self, (tv, ntv, ov, mv), data)
     ov = state[2]
-    active, stopped = rt.fractions([ov[i] for i in pos["mask"]], [ov[i] for i in pos["frozen"]])
-    logs = dict(logs)
-    logs["mat_active"] = active
-    logs["mat_frozen"] = stopped
-    return logs, state
+    return rt.with_fractions(logs, [ov[i] for i in pos["mask"]], [ov[i] for i in pos["frozen"]]), state
+
+
+def _stateful_measure(rt, data):
+    px, py = rt.probe_batch(data)
+    lam = rt.probe(px, py)
+    sv = rt.state_vars
+    new, lam = rt.policy_step(lam, *([s[k].value for s in sv] for k in _KEYS), rt.mat.num_measurements.value)
+    for key, values in zip(_KEYS + ("lambda_max",), (*new[:5], lam)):
+        for s, val in zip(sv, values):
+            s[key].assign(val)
+    rt.mat.num_measurements.assign(ops.cast(new.measurement, rt.mat.num_measurements.dtype))
+
+
+def _stateful_train_step(self, data, measure_now, skipping_step):
+    # TF and torch: the MAT state lives in the variables. `_fit` has built
+    # the optimizer (and so the MAT state) before the first step.
+    rt = self._keras_mat_runtime
+    if rt is None:
+        return type(self).train_step(self, data)
+    if rt.active:
+        measure_now(rt, data)
+    if rt.skip:
+        logs = skipping_step(self, data, set(rt.skip))
+    else:
+        logs = type(self).train_step(self, data)
+    sv = rt.state_vars
+    return rt.with_fractions(logs, [s["mask"].value for s in sv], [s["frozen"].value for s in sv])
+
+
+def _tf_measure_now(rt, data):
+    def measure():
+        _stateful_measure(rt, data)
+        return ops.convert_to_tensor(0)
+
+    do = ops.equal(ops.mod(rt.mat.iterations.value, rt.probe_every), 0)
+    ops.cond(do, measure, lambda: ops.convert_to_tensor(0))
+
+
+def _torch_measure_now(rt, data):
+    if int(ops.convert_to_numpy(rt.mat.iterations.value)) % rt.probe_every == 0:
+        _stateful_measure(rt, data)
+
+
+def _tf_train_step(self, data):
+    return _stateful_train_step(self, data, _tf_measure_now, _tf_skipping_step)
+
+
+def _torch_train_step(self, data):
+    return _stateful_train_step(self, data, _torch_measure_now, _torch_skipping_step)
+
+
+def _full_gradients(weights, skip, active_grads, zeros_like):
+    """Gradients for every trainable variable: the computed ones in order,
+    zeros for the skipped (fully masked, so the optimizer restores them)."""
+    active = iter(active_grads)
+    return [zeros_like(w) if i in skip else next(active) for i, w in enumerate(weights)]
+
+
+def _forward_and_loss(self, x, y, sample_weight, batch_size, unscale=lambda loss: loss):
+    # The loss part of Keras's TF and torch train steps, shared by our
+    # skipping variants of both.
+    y_pred = self(x, training=True) if self._call_has_training_arg else self(x)
+    loss = self._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+    self._loss_tracker.update_state(unscale(loss), sample_weight=batch_size)
+    return y_pred, self.optimizer.scale_loss(loss)
 
 
 def _jax_skipping_step(self, state, data, skip):
     # Keras's JAX train step, differentiating only the active variables: the
-    # skipped ones are closed-over constants, so XLA drops their weight
+    # skipped ones are not differentiated, so XLA drops their weight
     # gradients and, below a frozen prefix, the whole backward pass.
     import jax
     from keras.src.trainers.data_adapters import data_adapter_utils
@@ -353,9 +405,7 @@ def _jax_skipping_step(self, state, data, skip):
 
     (_, aux), active_grads = jax.value_and_grad(loss_fn, has_aux=True)([tv[i] for i in active])
     unscaled_loss, y_pred, ntv, mv = aux
-    grads = [jax.numpy.zeros_like(v) for v in tv]
-    for i, g in zip(active, active_grads):
-        grads[i] = g
+    grads = _full_gradients(tv, skip, active_grads, jax.numpy.zeros_like)
     tv, ov = self.optimizer.stateless_apply(ov, grads, tv)
     logs, mv = self._update_metrics_variables(mv, unscaled_loss, x, y, y_pred, sample_weight)
     return logs, (tv, ntv, ov, mv)
@@ -368,24 +418,17 @@ def _tf_skipping_step(self, data, skip):
 
     x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
     weights = self.trainable_weights
-    active = [v for i, v in enumerate(weights) if i not in skip]
+    active = [w.value for i, w in enumerate(weights) if i not in skip]
     # Only active variables are watched: nothing is recorded for the
     # backward pass of a frozen prefix, and no skipped dW is computed.
     with tf.GradientTape(watch_accessed_variables=False) as tape:
         for v in active:
-            tape.watch(v.value)
-        y_pred = self(x, training=True) if self._call_has_training_arg else self(x)
-        loss = self._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
-        self._loss_tracker.update_state(
-            loss_module.unscale_loss_for_distribution(loss),
-            sample_weight=tf.shape(next(i for i in tree.flatten(x) if i is not None))[0],
+            tape.watch(v)
+        batch_size = tf.shape(next(i for i in tree.flatten(x) if i is not None))[0]
+        y_pred, loss = _forward_and_loss(
+            self, x, y, sample_weight, batch_size, loss_module.unscale_loss_for_distribution
         )
-        loss = self.optimizer.scale_loss(loss)
-    active_grads = tape.gradient(loss, [v.value for v in active]) if active else []
-    grads = [tf.zeros_like(v.value) for v in weights]
-    positions = [i for i in range(len(weights)) if i not in skip]
-    for i, g in zip(positions, active_grads):
-        grads[i] = g
+    grads = _full_gradients(weights, skip, tape.gradient(loss, active), lambda w: tf.zeros_like(w.value))
     self.optimizer.apply(grads, weights)
     return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
@@ -400,91 +443,25 @@ def _torch_skipping_step(self, data, skip):
     for p in skipped:
         p.requires_grad_(False)  # autograd records nothing for them
     try:
-        y_pred = self(x, training=True) if self._call_has_training_arg else self(x)
         self.zero_grad()
-        loss = self._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
-        self._loss_tracker.update_state(
-            loss, sample_weight=next(i for i in tree.flatten(x) if i is not None).shape[0]
-        )
-        loss = self.optimizer.scale_loss(loss)
+        batch_size = next(i for i in tree.flatten(x) if i is not None).shape[0]
+        y_pred, loss = _forward_and_loss(self, x, y, sample_weight, batch_size)
         if loss.requires_grad:
             loss.backward()
     finally:
         for p in skipped:
             p.requires_grad_(True)
-    grads = [v.value.grad if v.value.grad is not None else torch.zeros_like(v.value) for v in weights]
+    grads = _full_gradients(
+        weights,
+        skip,
+        [w.value.grad for i, w in enumerate(weights) if i not in skip],
+        lambda w: torch.zeros_like(w.value),
+    )
+    # An active variable the loss does not reach has no .grad (as in Keras's step).
+    grads = [torch.zeros_like(w.value) if g is None else g for g, w in zip(grads, weights)]
     with torch.no_grad():
         self.optimizer.apply(grads, weights)
     return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-
-
-def _stateful_measure(rt, data):
-    px, py = rt.probe_batch(data)
-    lam = rt.probe(px, py)
-    sv = rt.state_vars
-    new, lam = rt.policy_step(
-        lam,
-        [s["mask"].value for s in sv],
-        [s["frozen"].value for s in sv],
-        [s["lambda_init"].value for s in sv],
-        [s["delta_prev"].value for s in sv],
-        [s["delta_first"].value for s in sv],
-        rt.mat.num_measurements.value,
-    )
-    for key, values in zip(_KEYS, (new.masks, new.frozen, new.lambda_init, new.delta_prev, new.delta_first)):
-        for s, val in zip(sv, values):
-            s[key].assign(val)
-    for s, val in zip(sv, lam):
-        s["lambda_max"].assign(val)
-    rt.mat.num_measurements.assign(ops.cast(new.measurement, rt.mat.num_measurements.dtype))
-
-
-def _tf_train_step(self, data):
-    rt = self._keras_mat_runtime
-    if rt is None:
-        return type(self).train_step(self, data)
-    if rt.active:
-        if not rt.mat.built:
-            # TF builds the optimizer lazily in its first apply; the MAT state
-            # must exist before the step reads it.
-            self.optimizer.build(self.trainable_variables)
-
-        def measure():
-            _stateful_measure(rt, data)
-            return ops.convert_to_tensor(0)
-
-        do = ops.equal(ops.mod(rt.mat.iterations.value, rt.probe_every), 0)
-        ops.cond(do, measure, lambda: ops.convert_to_tensor(0))
-    if rt.skip:
-        logs = dict(_tf_skipping_step(self, data, set(rt.skip)))
-    else:
-        logs = dict(type(self).train_step(self, data))
-    sv = rt.state_vars
-    active, stopped = rt.fractions([s["mask"].value for s in sv], [s["frozen"].value for s in sv])
-    logs["mat_active"] = active
-    logs["mat_frozen"] = stopped
-    return logs
-
-
-def _torch_train_step(self, data):
-    rt = self._keras_mat_runtime
-    if rt is None:
-        return type(self).train_step(self, data)
-    if rt.active:
-        if not rt.mat.built:
-            self.optimizer.build(self.trainable_variables)
-        step = int(ops.convert_to_numpy(rt.mat.iterations.value))
-        if step % rt.probe_every == 0:
-            _stateful_measure(rt, data)
-    if rt.skip:
-        logs = dict(_torch_skipping_step(self, data, set(rt.skip)))
-    else:
-        logs = dict(type(self).train_step(self, data))
-    sv = rt.state_vars
-    active, stopped = rt.fractions([s["mask"].value for s in sv], [s["frozen"].value for s in sv])
-    logs["mat_active"] = active
-    logs["mat_frozen"] = stopped
-    return logs
 
 
 class _Dispatcher:
@@ -563,9 +540,8 @@ class _Dispatcher:
         rt = self.rt
         if backends.name() == "jax":
             ov = out[1][2]
-            index = {id(v): i for i, v in enumerate(self.model.optimizer.variables)}
-            masks = [np.asarray(ov[index[id(s["mask"])]]) for s in rt.state_vars]
-            frozen = [np.asarray(ov[index[id(s["frozen"])]]) for s in rt.state_vars]
+            masks = [np.asarray(ov[i]) for i in rt.positions["mask"]]
+            frozen = [np.asarray(ov[i]) for i in rt.positions["frozen"]]
         else:
             masks = [ops.convert_to_numpy(s["mask"].value) for s in rt.state_vars]
             frozen = [ops.convert_to_numpy(s["frozen"].value) for s in rt.state_vars]

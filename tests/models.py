@@ -128,7 +128,9 @@ class Subclassed(keras.Model):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.att = keras.layers.MultiHeadAttention(2, 3, name="att")  # value_dim != key_dim breaks Keras on JAX
+        self.att = keras.layers.MultiHeadAttention(
+            2, 3, name="att"
+        )  # value_dim != key_dim breaks Keras on JAX
         self.out = keras.layers.Dense(2, name="out")
 
     def call(self, x):

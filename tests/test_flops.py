@@ -253,7 +253,8 @@ def test_probe_flops():
 
 
 def test_keras_hub_transformer_encoder():
-    keras_hub = pytest.importorskip("keras_hub")
+    import keras_hub  # a declared dependency: a missing install must fail, not skip
+
     ids = keras.Input((6,), dtype="int32")
     emb = keras_hub.layers.TokenAndPositionEmbedding(20, 6, 8, embeddings_initializer=Z, name="emb")
     x = emb(ids)

@@ -1,10 +1,5 @@
 """lambda_max: fast Gram path and Lanczos against the dense reference."""
 
-import json
-import os
-import subprocess
-import sys
-
 import keras
 import numpy as np
 import pytest
@@ -13,6 +8,7 @@ import keras_mat
 from keras_mat import ntk
 from keras_mat.reference import reference_lambda_max
 from tests import models
+from tests.cross_backend import only_in_jax_session, run_in_every_backend
 
 BACKEND = keras.config.backend()
 RTOL = 1e-3  # float32 (issue 3: below 1e-3 in float32)
@@ -194,6 +190,7 @@ import json, sys
 import numpy as np
 import keras, keras_mat
 from tests import models
+from tests.cross_backend import only_in_jax_session, run_in_every_backend
 out = {}
 for name in ["mlp", "mha", "cnn", "moe"]:
     m = getattr(models, name)()
@@ -205,21 +202,9 @@ json.dump(out, sys.stdout)
 """
 
 
-@pytest.mark.skipif(
-    BACKEND != "jax",
-    reason="The cross-backend comparison starts one subprocess per backend and covers all three; "
-    "it runs once, in the KERAS_BACKEND=jax session, instead of three times.",
-)
+@only_in_jax_session
 def test_backends_agree_on_identical_weights():
-    results = {}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for backend in ("jax", "tensorflow", "torch"):
-        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-        proc = subprocess.run(
-            [sys.executable, "-c", _XB_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=600
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results[backend] = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = run_in_every_backend(_XB_SCRIPT)
     for model_name, fams in results["jax"].items():
         for fam, values in fams.items():
             for backend in ("tensorflow", "torch"):

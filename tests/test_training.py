@@ -1,9 +1,6 @@
 """The MAT training step inside `fit`, on every backend."""
 
-import json
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -15,6 +12,7 @@ from keras_mat.optimizer import wrap
 from keras_mat.reference import module_selector
 from keras_mat.training import find_mat_optimizer
 from tests import models
+from tests.cross_backend import only_in_jax_session, run_in_every_backend
 
 BACKEND = keras.config.backend()
 JIT = [False] if BACKEND == "torch" else [False, True]
@@ -228,6 +226,7 @@ import numpy as np, keras, keras_mat
 from keras_mat.callbacks import MATLogger
 from keras_mat.optimizer import wrap
 from tests import models
+from tests.cross_backend import only_in_jax_session, run_in_every_backend
 m = models.set_weights_deterministic(keras_mat.annotate(models.mha()))
 m.compile(optimizer=wrap(keras.optimizers.Adam(1e-2), alpha=0.6, beta=0.05, probe_every=2, probe_samples=4),
           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -239,20 +238,9 @@ json.dump(log.rows, sys.stdout)
 """
 
 
-@pytest.mark.skipif(
-    BACKEND != "jax",
-    reason="Runs all three backends in subprocesses; done once, in the KERAS_BACKEND=jax session.",
-)
+@only_in_jax_session
 def test_backends_produce_the_same_mask_sequence():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    rows = {}
-    for backend in ("jax", "tensorflow", "torch"):
-        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-        proc = subprocess.run(
-            [sys.executable, "-c", _XB_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=600
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        rows[backend] = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = run_in_every_backend(_XB_SCRIPT)
     ref = rows["jax"]
     assert len(ref) > 0 and any(r["frozen"] for r in ref) and any(not r["active"] for r in ref)
     for backend in ("tensorflow", "torch"):

@@ -29,22 +29,6 @@ def per_sample_jacobians(fn, probe_values, x, y, key=None):
     )
 
 
-def per_sample_jacobians_loop(fn, probe_values, x, y):
-    """Unrolled per-sample fallback (slow to trace, but composes with any op)."""
-    probe_values = [tf.convert_to_tensor(v) for v in probe_values]
-    n = tf.nest.flatten(x)[0].shape[0]
-    per = [
-        _rows(
-            fn,
-            probe_values,
-            tf.nest.map_structure(lambda t, i=i: t[i], x),
-            tf.nest.map_structure(lambda t, i=i: t[i], y),
-        )
-        for i in range(n)
-    ]
-    return [tf.stack([p[v] for p in per]) for v in range(len(probe_values))]
-
-
 def compile_probe(fn, xla=True):
     return tf.function(fn, jit_compile=xla, reduce_retracing=True)
 

@@ -15,8 +15,6 @@ import warnings
 import torch
 from keras import tree
 
-_fallback_warned = set()
-
 
 def _detached(values):
     return [v.detach() if isinstance(v, torch.Tensor) else torch.as_tensor(v) for v in values]
@@ -36,17 +34,15 @@ _vmap_failed = set()
 
 def per_sample_jacobians(fn, probe_values, x, y, key=None):
     probe_values = _detached(probe_values)
-    if key is not None and key in _vmap_failed:
+    if key in _vmap_failed:
         return per_sample_jacobians_loop(fn, probe_values, x, y)
     try:
         with _math_sdpa():
             jac = torch.func.vmap(torch.func.jacrev(fn), in_dims=(None, 0, 0))(probe_values, x, y)
         return list(jac)
     except (RuntimeError, NotImplementedError, TypeError) as err:
-        if key is not None:
-            _vmap_failed.add(key)  # do not pay for a failing vmap on every probe
-        if key not in _fallback_warned:
-            _fallback_warned.add(key)
+        if key not in _vmap_failed:
+            _vmap_failed.add(key)  # warn once, and do not pay for a failing vmap on every probe
             warnings.warn(
                 "keras_mat: torch.func.vmap does not compose with a layer of this model "
                 f"({type(err).__name__}: {str(err).splitlines()[0][:160]}); computing per-sample "
