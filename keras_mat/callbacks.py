@@ -136,7 +136,7 @@ class MATLogger(keras.callbacks.Callback):
             # fit keeps the JAX state outside the Variables between steps.
             self.model.jax_state_sync()
         measurement = int(keras.ops.convert_to_numpy(mat.num_measurements.value))
-        if measurement == 0 or measurement in self._seen_measurements or mat.policy is None:
+        if measurement == 0 or measurement in self._seen_measurements:
             return
         self._seen_measurements.add(measurement)
         self._emit(self._step - 1, measurement - 1, mat.lambda_max, mat.masks, mat.frozen, logs)
