@@ -326,3 +326,26 @@ def test_mixed_precision_fit_nests_in_loss_scale_optimizer():
     assert np.all(np.isfinite(hist.history["loss"]))
     assert int(keras.ops.convert_to_numpy(opt.num_measurements.value)) == 4
     assert all(np.all(v > 0) for v in opt.lambda_max.values())
+
+
+def test_within_variable_mask_changes_reuse_one_compiled_step():
+    """Masks that change only *within* variables (some heads of a layer) never
+    change the skip set, so the step cache holds one variant, traced once."""
+    from keras_mat.training import step_cache_info
+
+    m = models.set_weights_deterministic(keras_mat.annotate(models.mha(heads=4), exclude=["head"]))
+    assert [g.name for g in keras_mat.get_groups(m)] == ["mha/heads"]
+    _compile(m, BACKEND != "torch", alpha=0.5, beta=1e-12, probe_every=2)  # JAX eager would trace per call
+    x, y = _data(m, n=32)
+    snaps = _Snapshots()
+    m.fit(x, y, batch_size=8, epochs=3, verbose=0, shuffle=False, callbacks=[snaps])
+    info = step_cache_info(m)
+    counts = [int(a["mha/heads"].sum()) for a in snaps.active]
+    assert any(0 < c < 4 for c in counts), counts  # some heads were off ...
+    assert len({tuple(a["mha/heads"]) for a in snaps.active}) > 1, counts  # ... and masks changed
+    assert len(info["skip_history"]) >= 5, info  # one entry per measurement
+    assert all(key == () for _, key in info["skip_history"]), info
+    assert info["num_compiles"] == 1 and list(info["cached"]) == [()], info
+    if BACKEND != "torch":  # torch runs eagerly: nothing is traced
+        assert info["traces"] == {(): 1}, info
+    _check_masked_modules_unchanged(m, snaps)
