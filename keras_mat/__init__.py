@@ -1,6 +1,7 @@
 """keras_mat: Modular Adaptive Training for Keras 3 (JAX, TensorFlow, PyTorch)."""
 
-from keras_mat import callbacks, policy
+from keras_mat import baselines, callbacks, policy
+from keras_mat.baselines import Multirate, RandomModules
 from keras_mat.callbacks import MATLogger, plot_lambda
 from keras_mat.groups import ModuleGroup, annotate, discover_groups, get_groups
 from keras_mat.ntk import module_lambda_max
@@ -9,10 +10,13 @@ from keras_mat.version import __version__
 
 __all__ = [
     "MATLogger",
+    "Multirate",
+    "RandomModules",
     "ModularAdaptiveOptimizer",
     "ModuleGroup",
     "__version__",
     "annotate",
+    "baselines",
     "callbacks",
     "discover_groups",
     "get_groups",

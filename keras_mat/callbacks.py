@@ -130,7 +130,7 @@ class MATLogger(keras.callbacks.Callback):
             self._history_len = len(history)
             return
         self._step += 1
-        if mat.policy is None or (self._step - 1) % int(mat.probe_every) != 0:
+        if mat.policy != "mat" or (self._step - 1) % int(mat.probe_every) != 0:
             return
         if backends.name() == "jax":
             # fit keeps the JAX state outside the Variables between steps.

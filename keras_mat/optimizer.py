@@ -23,6 +23,7 @@ from keras.src import backend as keras_backend
 from keras.src.utils import tracking
 
 from keras_mat import groups as groups_lib
+from keras_mat.baselines import MaskSchedule
 from keras_mat.policy import expand_mask
 
 _NTK_OUTPUTS = ("auto", "logits", "sum", "loss")
@@ -107,8 +108,10 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         ntk_output: One of `"auto"`, `"logits"`, `"sum"`, `"loss"`: the scalar
             whose modular NTK is measured.
         threshold_scope: One of `"auto"`, `"global"`, `"per_layer"`.
-        policy: `"mat"` to let the MAT training step update the masks, or
-            `None` to leave the masks to the user.
+        policy: `"mat"` to let the MAT training step update the masks,
+            `None` to leave the masks to the user, or a mask schedule
+            (`keras_mat.baselines.RandomModules`, `Multirate`) that sets the
+            masks before each step (no lambda_max probe runs).
         probe: `"fixed"` (one probe set drawn once) or `"batch"` (the current
             training batch).
         name: Optional name of the optimizer.
@@ -201,8 +204,13 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
                 f"`threshold_scope` must be one of {_THRESHOLD_SCOPES}. "
                 f"Received: threshold_scope={threshold_scope!r}"
             )
-        if policy not in _POLICIES:
-            raise ValueError(f"`policy` must be 'mat' or None. Received: policy={policy!r}")
+        if isinstance(policy, dict):  # a serialized schedule (from get_config)
+            policy = keras.saving.deserialize_keras_object(policy)
+        if not isinstance(policy, MaskSchedule) and policy not in _POLICIES:
+            raise ValueError(
+                "`policy` must be 'mat', None or a keras_mat.baselines mask schedule. "
+                f"Received: policy={policy!r}"
+            )
         if probe not in _PROBES:
             raise ValueError(f"`probe` must be one of {_PROBES}. Received: probe={probe!r}")
 
@@ -431,6 +439,23 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
             out.append(ops.where(cond, new, ops.convert_to_tensor(old, dtype=new.dtype)))
         return out
 
+    def _scale_gradients(self, grads, mask_values):
+        # A schedule with `scales_gradients` (Multirate's slow step) writes
+        # mask values other than 1: they scale the gradients of their
+        # modules. Masked slices (value 0) are restored after the update.
+        if not getattr(self.policy, "scales_gradients", False):
+            return grads
+        out = []
+        for p, g in zip(self._trainable_plan, grads):
+            if p is None or g is None:
+                out.append(g)
+                continue
+            i, axis = p
+            g = ops.convert_to_tensor(g)
+            scale = expand_mask(ops.convert_to_tensor(mask_values[i], "float32"), tuple(g.shape), axis)
+            out.append(g * ops.cast(scale, g.dtype))
+        return out
+
     def apply(self, grads, trainable_variables=None):
         # Build first (TensorFlow builds lazily inside the first apply).
         if not self.built:
@@ -448,6 +473,7 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         # Snapshot (a real copy: torch fused optimizers update in place).
         old_t = [None if p is None else ops.copy(v.value) for p, v in zip(self._trainable_plan, tvars)]
         old_i = [None if p is None else ops.copy(v.value) for p, v in zip(self._inner_plan, ivars)]
+        grads = self._scale_gradients(list(grads), [s["mask"].value for s in self._state_list])
         self.inner_optimizer.apply(grads, trainable_variables)
         for plan, variables, olds in ((self._trainable_plan, tvars, old_t), (self._inner_plan, ivars, old_i)):
             for p, v, old in zip(plan, variables, olds):
@@ -476,10 +502,12 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         own_values = optimizer_variables[:n_own]
         inner_values = optimizer_variables[n_own:]
         trainable_variables = list(trainable_variables)
-        new_t, new_i = self.inner_optimizer.stateless_apply(inner_values, grads, trainable_variables)
         if self.families:
             position = {id(v): k for k, v in enumerate(self._variables)}
             masks = [own_values[position[id(s["mask"])]] for s in self._state_list]
+            grads = self._scale_gradients(list(grads), masks)
+        new_t, new_i = self.inner_optimizer.stateless_apply(inner_values, grads, trainable_variables)
+        if self.families:
             frozen = [own_values[position[id(s["frozen"])]] for s in self._state_list]
             keep = self._keep_from_values(
                 [ops.convert_to_tensor(m) for m in masks], [ops.convert_to_tensor(f) for f in frozen]
@@ -634,7 +662,11 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
             "warmup": self.warmup,
             "ntk_output": self.ntk_output,
             "threshold_scope": self.threshold_scope,
-            "policy": self.policy,
+            "policy": (
+                keras.saving.serialize_keras_object(self.policy)
+                if isinstance(self.policy, MaskSchedule)
+                else self.policy
+            ),
             "probe": self.probe,
             "families": self._families_spec(),
         }

@@ -148,6 +148,7 @@ class _Runtime:
         self.probe_every = int(mat.probe_every)
         self.samples = int(mat.probe_samples)
         self.active = mat.policy == "mat"
+        self.schedule = not self.active and mat.policy is not None  # keras_mat.baselines
         self.state_vars = [mat.mat_state[g.name] for g in groups]
         # Where the MAT state sits in `model.optimizer.variables` (the JAX
         # step's optimizer state and the dispatcher read it by position).
@@ -273,8 +274,10 @@ class _Runtime:
     def with_fractions(self, logs, masks, frozen):
         """`logs` plus the fractions of modules updated and stopped (progress
         bar and History)."""
+        # `> 0.5`: a schedule may write mask values other than 1 (gradient scales).
         active = sum(
-            ops.sum(ops.cast(m, "float32") * (1.0 - ops.cast(f, "float32"))) for m, f in zip(masks, frozen)
+            ops.sum(ops.cast(ops.greater(m, 0.5), "float32") * (1.0 - ops.cast(f, "float32")))
+            for m, f in zip(masks, frozen)
         )
         stopped = sum(ops.sum(ops.cast(f, "float32")) for f in frozen)
         logs = dict(logs)
@@ -480,6 +483,7 @@ class _Dispatcher:
         self.max_cached = max_cached
         self.cache = {}
         self.order = []
+        self.reset_schedule()
 
     def _keyed_step(self, installed, key):
         # A distinct function object per skip set: JAX caches traces by the
@@ -517,8 +521,43 @@ class _Dispatcher:
         self.order.append(key)
         return fn
 
+    def reset_schedule(self):
+        self._written = None  # masks last written by a schedule (host copy)
+        self._frozen = None
+
+    def _apply_schedule(self, args):
+        # A mask schedule (keras_mat.baselines) decides on the host: when its
+        # masks change, write them into the optimizer's mask state (on JAX,
+        # into the state passed to the step) and derive the skip set and the
+        # FLOPs from them. No probe or MAT policy runs (rt.active is False).
+        rt = self.rt
+        masks = rt.mat.policy.masks(rt.step, [(g.name, g.num_modules) for g in rt.families])
+        written = self._written
+        if written is not None and all(np.array_equal(a, b) for a, b in zip(masks, written)):
+            return args
+        if backends.name() == "jax":
+            state, *rest = args
+            ov = list(state[2])
+            for i, m in zip(rt.positions["mask"], masks):
+                ov[i] = ops.convert_to_tensor(m, dtype=ov[i].dtype)
+            if self._frozen is None:
+                self._frozen = [np.asarray(ov[i]) for i in rt.positions["frozen"]]
+            args = ((state[0], state[1], ov, state[3]), *rest)
+        else:
+            for s, m in zip(rt.state_vars, masks):
+                s["mask"].assign(m)
+            if self._frozen is None:
+                self._frozen = [ops.convert_to_numpy(s["frozen"].value) for s in rt.state_vars]
+        self._written = masks
+        if getattr(rt.mat, "skip_gradients", True):
+            rt.next_skip = rt.skip_from_masks(masks, self._frozen)
+        rt.active_np = [(np.asarray(m) > 0.5) * (1.0 - np.asarray(z)) for m, z in zip(masks, self._frozen)]
+        return args
+
     def __call__(self, *args):
         rt = self.rt
+        if rt.schedule:
+            args = self._apply_schedule(args)
         measuring = rt.active and rt.step % rt.probe_every == 0
         key = () if measuring else rt.next_skip
         fn = self._function(key)
@@ -666,12 +705,19 @@ def _fit(self, x=None, y=None, *args, **kwargs):
         self.train_function = None
     object.__setattr__(self, "_keras_mat_runtime", runtime)
     runtime.step = int(ops.convert_to_numpy(mat.iterations.value))
+    if runtime.schedule and self.steps_per_execution != 1:
+        raise ValueError(
+            "A mask schedule (keras_mat.baselines) sets the masks before every step: compile "
+            f"with steps_per_execution=1. Received: steps_per_execution={self.steps_per_execution}"
+        )
     # With policy=None the masks are the user's: the skip set is taken from
     # them here, at the start of fit (change masks between fits, not inside).
-    if self.steps_per_execution == 1 and getattr(mat, "skip_gradients", True):
+    if self.steps_per_execution == 1 and (getattr(mat, "skip_gradients", True) or runtime.schedule):
         masks = [ops.convert_to_numpy(s["mask"].value) for s in runtime.state_vars]
         frozen = [ops.convert_to_numpy(s["frozen"].value) for s in runtime.state_vars]
-        runtime.next_skip = runtime.skip_from_masks(masks, frozen)
+        runtime.next_skip = (
+            runtime.skip_from_masks(masks, frozen) if getattr(mat, "skip_gradients", True) else ()
+        )
         runtime.active_np = [np.asarray(m) * (1.0 - np.asarray(z)) for m, z in zip(masks, frozen)]
         if runtime.flops_report is None and getattr(mat, "count_flops", True):
             runtime.setup_flops(_batch_size_of(x, kwargs, probe_data))
@@ -682,6 +728,7 @@ def _fit(self, x=None, y=None, *args, **kwargs):
                 dispatcher.cache[runtime.skip] = self.train_function
                 dispatcher.order.append(runtime.skip)
             self.train_function = dispatcher
+        self.train_function.reset_schedule()
     return type(self).fit(self, x, y, *args, callbacks=callbacks, **kwargs)
 
 

@@ -1,0 +1,206 @@
+"""Baseline mask schedules (`keras_mat.baselines`): "Rand" and Multirate, on
+every backend, through `fit` with the MAT training step."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_mat
+from keras_mat import flops
+from keras_mat.baselines import Multirate, RandomModules
+from keras_mat.reference import module_selector
+from keras_mat.training import find_mat_optimizer
+from tests import models
+
+BACKEND = keras.config.backend()
+BATCH = 8
+
+
+def _data(n, seed=0):
+    # The first samples do not depend on n (two runs of different length share step 0).
+    x = np.random.RandomState(seed).randn(n, 8, 8, 3).astype("float32")
+    return x, np.random.RandomState(seed + 1).randint(0, 3, n)
+
+
+class _Trace(keras.callbacks.Callback):
+    """Weights before the first step and after every step, the masks in the
+    optimizer state after every step, and the logs."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights, self.masks, self.logs = [], [], []
+
+    def _weights(self):
+        return [np.array(keras.ops.convert_to_numpy(v.value)) for v in self.model.trainable_variables]
+
+    def on_train_begin(self, logs=None):
+        self.weights.append(self._weights())
+
+    def on_train_batch_end(self, batch, logs=None):
+        if BACKEND == "jax":
+            self.model.jax_state_sync()
+        opt = find_mat_optimizer(self.model.optimizer)
+        self.weights.append(self._weights())
+        self.masks.append(
+            {k: np.asarray(keras.ops.convert_to_numpy(s["mask"].value)) for k, s in opt.mat_state.items()}
+        )
+        self.logs.append({k: float(v) for k, v in logs.items() if k.startswith("mat_")})
+
+
+def _fit(schedule, inner=None, steps=8, seed_weights=0):
+    model = models.set_weights_deterministic(keras_mat.annotate(models.cnn()), seed=seed_weights)
+    model.compile(
+        optimizer=keras_mat.wrap(inner or keras.optimizers.Adam(1e-2), policy=schedule, ntk_output="sum"),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x, y = _data(steps * BATCH)
+    trace = _Trace()
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False, callbacks=[trace])
+    return model, trace
+
+
+def _moved(model, trace, step):
+    """family name -> bool array: which modules changed during `step`."""
+    index = {id(v): i for i, v in enumerate(model.trainable_variables)}
+    before, after = trace.weights[step], trace.weights[step + 1]
+    out = {}
+    for g in keras_mat.get_groups(model):
+        moved = np.zeros((g.num_modules,), bool)
+        for m in range(g.num_modules):
+            for v, axis in zip(g.variables, g.axes):
+                sel = module_selector(tuple(v.shape), axis, g.num_modules, m)
+                i = index[id(v)]
+                moved[m] |= not np.array_equal(before[i][sel], after[i][sel])
+        out[g.name] = moved
+    return out
+
+
+def _families(model):
+    return [(g.name, g.num_modules) for g in find_mat_optimizer(model.optimizer).families]
+
+
+def test_random_modules_counts_and_change_steps():
+    fams = [("a", 4), ("b", 6), ("c", 1)]
+    schedule = RandomModules([1.0, 0.5, 0.25], every=3, seed=7)
+    seen = []
+    for step in range(12):
+        masks = schedule.masks(step, fams)
+        fraction = [1.0, 0.5, 0.25][min(step // 3, 2)]
+        for (_, n), m in zip(fams, masks):
+            assert m.dtype == np.float32 and set(np.unique(m)) <= {0.0, 1.0}
+            assert int(m.sum()) == int(np.floor(fraction * n + 0.5)), (step, n, m)
+        seen.append(tuple(np.concatenate(masks)))
+    # Constant within an interval, redrawn at each change (steps 6 and 9 both at 0.25).
+    for step in range(12):
+        assert seen[step] == seen[step - step % 3]
+    assert seen[6] != seen[9]
+    # Deterministic: a fresh schedule with the same seed gives the same draws.
+    again = RandomModules([1.0, 0.5, 0.25], every=3, seed=7)
+    assert all(tuple(np.concatenate(again.masks(s, fams))) == seen[s] for s in range(12))
+    # Per-family fractions; unlisted families are always updated.
+    per = RandomModules({"b": [0.5, 0.0]}, every=2)
+    assert [m.sum() for m in per.masks(0, fams)] == [4, 3, 1]
+    assert [m.sum() for m in per.masks(5, fams)] == [4, 0, 1]
+    with pytest.raises(ValueError, match="unknown module families"):
+        RandomModules({"zz": 0.5}, every=2).masks(0, fams)
+
+
+def test_rand_fit_follows_schedule_masked_modules_stay_and_flops_follow():
+    schedule = RandomModules([1.0, 0.5, 0.25], every=2, seed=3)
+    model, trace = _fit(schedule)
+    opt = find_mat_optimizer(model.optimizer)
+    fams = _families(model)
+    report = flops.count_flops(model, 1, groups=opt.families)
+    total = 0.0
+    for step in range(8):
+        expected = dict(zip([n for n, _ in fams], schedule.masks(step, fams)))
+        for name, m in trace.masks[step].items():
+            np.testing.assert_array_equal(m, expected[name], err_msg=f"step {step} {name}")
+        moved = _moved(model, trace, step)
+        for name, m in expected.items():
+            assert not np.any(moved[name] & (m < 0.5)), f"step {step}: a masked module of {name} moved"
+            assert np.any(moved[name]) == bool(np.any(m > 0.5)), (step, name)
+        total += (
+            flops.step_flops(report, {k: v > 0.5 for k, v in expected.items()}, frozen_prefix="auto") * BATCH
+        )
+        assert trace.logs[step]["mat_train_flops"] == pytest.approx(total, rel=1e-9)
+        # No probe runs: no probe FLOPs, no measurement.
+        assert trace.logs[step]["mat_total_flops"] == trace.logs[step]["mat_train_flops"]
+        active = sum(float(m.sum()) for m in expected.values()) / sum(n for _, n in fams)
+        assert trace.logs[step]["mat_active"] == pytest.approx(active)
+    assert trace.logs[7]["mat_train_flops"] < 8 * flops.step_flops(report, None, frozen_prefix="auto") * BATCH
+    assert int(keras.ops.convert_to_numpy(opt.num_measurements.value)) == 0
+    assert all(np.all(v == 0) for v in opt.lambda_max.values())
+
+
+def test_multirate_fast_every_step_slow_every_k_steps():
+    k = 3
+    schedule = Multirate(fast_fraction=0.5, k=k, seed=1)
+    model, trace = _fit(schedule, inner=keras.optimizers.SGD(0.05), steps=7)
+    fams = _families(model)
+    fast = dict(zip([n for n, _ in fams], schedule.fast_modules(fams)))
+    assert [int(f.sum()) for f in fast.values()] == [int(np.floor(0.5 * n + 0.5)) for _, n in fams]
+    for step in range(7):
+        moved = _moved(model, trace, step)
+        for name, f in fast.items():
+            assert np.all(moved[name][f]), f"step {step}: a fast module of {name} did not move"
+            if step % k == 0:
+                assert np.all(moved[name][~f]), f"step {step}: a slow module of {name} did not move"
+            else:
+                assert not np.any(moved[name][~f]), f"step {step}: a slow module of {name} moved"
+    # Slow step size: the slow modules' gradients are scaled by k on their
+    # update steps, which for plain SGD is exactly the step k*h.
+    plain, plain_trace = _fit(
+        Multirate(fast_fraction=0.5, k=k, seed=1, slow_lr_scale=1.0), keras.optimizers.SGD(0.05), 1
+    )
+    index = {id(v): i for i, v in enumerate(model.trainable_variables)}
+    for g in keras_mat.get_groups(model):
+        for v, axis in zip(g.variables, g.axes):
+            i = index[id(v)]
+            for m in range(g.num_modules):
+                sel = module_selector(tuple(v.shape), axis, g.num_modules, m)
+                scaled = trace.weights[1][i][sel] - trace.weights[0][i][sel]
+                ordinary = plain_trace.weights[1][i][sel] - plain_trace.weights[0][i][sel]
+                factor = 1.0 if fast[g.name][m] else k
+                np.testing.assert_allclose(scaled, factor * ordinary, rtol=1e-4, atol=1e-7)
+
+
+def test_schedule_serializes_with_the_optimizer():
+    for schedule in (RandomModules([1.0, 0.3], every=5, seed=2), Multirate(0.25, k=2, slow_lr_scale=1.5)):
+        opt = keras_mat.wrap(keras.optimizers.SGD(0.1), policy=schedule)
+        config = keras.optimizers.serialize(opt)
+        restored = keras.optimizers.deserialize(config)
+        assert type(restored.policy) is type(schedule)
+        assert restored.policy.get_config() == schedule.get_config()
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: RandomModules(1.5, every=2), "fractions"),
+        (lambda: RandomModules([], every=2), "fractions"),
+        (lambda: RandomModules([0.5, -0.1], every=2), "fractions"),
+        (lambda: RandomModules(0.5, every=0), "every"),
+        (lambda: RandomModules(0.5, every=2, seed=1.5), "seed"),
+        (lambda: Multirate(fast_fraction=2.0), "fast_fraction"),
+        (lambda: Multirate(k=0), "`k`"),
+        (lambda: Multirate(slow_lr_scale=-1.0), "slow_lr_scale"),
+        (lambda: keras_mat.wrap(keras.optimizers.SGD(), policy="rand"), "policy"),
+    ],
+)
+def test_bad_arguments_raise(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_schedule_needs_one_step_per_execution():
+    model = keras_mat.annotate(models.cnn())
+    model.compile(
+        optimizer=keras_mat.wrap(
+            keras.optimizers.SGD(), policy=RandomModules(0.5, every=2), ntk_output="sum"
+        ),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        steps_per_execution=2,
+    )
+    with pytest.raises(ValueError, match="steps_per_execution"):
+        model.fit(*_data(16), batch_size=BATCH, verbose=0)
