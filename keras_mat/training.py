@@ -175,6 +175,7 @@ class _Runtime:
         self.cum_train_flops = 0.0
         self.cum_probe_flops = 0.0
         self._step_cost = {}
+        self.cum_executed_flops = 0.0
         self.probe_cost = 0.0
 
     def setup_flops(self, batch_size):
@@ -193,17 +194,29 @@ class _Runtime:
         rows = self.probe._rows_per_sample or 1
         self.probe_cost = flops.probe_flops(self.flops_report, self.samples, rows)
 
-    def step_cost(self):
-        # Training FLOPs of one step with the current masks: forward, the
-        # activation gradients down to the lowest trained op, and the weight
-        # gradients of active modules and always-trained variables.
+    def step_cost(self, skipping=True):
+        """Training FLOPs of one step with the current masks: forward, the
+        activation gradients down to the lowest trained op, and the weight
+        gradients of active modules and always-trained variables.
+
+        Returns `(analytic, executed)`: the weight gradients of active
+        *modules* (MAT's accounting), and what the step computes: a
+        variable's whole weight gradient while any of its modules is active
+        (masks within a variable save no work), everything when `skipping`
+        is off (measurement steps, `skip_gradients=False`).
+        """
         from keras_mat import flops
 
-        key = tuple(tuple(bool(b) for b in m) for m in self.active_np)
+        key = (tuple(tuple(bool(b) for b in m) for m in self.active_np), skipping)
         cost = self._step_cost.get(key)
         if cost is None:
             masks = {g.name: np.asarray(m, bool) for g, m in zip(self.families, self.active_np)}
-            cost = flops.step_flops(self.flops_report, masks, frozen_prefix="auto") * self.batch_size
+            analytic = flops.step_flops(self.flops_report, masks, frozen_prefix="auto")
+            if skipping:
+                executed = flops.step_flops(self.flops_report, masks, frozen_prefix="auto", granularity="family")
+            else:
+                executed = flops.step_flops(self.flops_report, None)
+            cost = (analytic * self.batch_size, executed * self.batch_size)
             self._step_cost[key] = cost
         return cost
 
@@ -569,7 +582,10 @@ class _Dispatcher:
             rt.skip_history.append((rt.step - 1, rt.next_skip))
             rt.cum_probe_flops += rt.probe_cost
         if rt.flops_report is not None:
-            rt.cum_train_flops += rt.step_cost()
+            skipping = not measuring and getattr(rt.mat, "skip_gradients", True)
+            analytic, executed = rt.step_cost(skipping)
+            rt.cum_train_flops += analytic
+            rt.cum_executed_flops += executed
             logs = out[0] if backends.name() == "jax" else out
             logs["mat_train_flops"] = rt.cum_train_flops
             logs["mat_total_flops"] = rt.cum_train_flops + rt.cum_probe_flops
@@ -681,6 +697,7 @@ def _fit(self, x=None, y=None, *args, **kwargs):
             "`keras_mat.annotate(model)` before `fit`. Received: model not annotated"
         )
     if not mat.built:
+            logs["mat_executed_flops"] = rt.cum_executed_flops + rt.cum_probe_flops
         self.optimizer.build(self.trainable_variables)
     if not mat.families:
         raise ValueError(
