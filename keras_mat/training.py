@@ -174,8 +174,8 @@ class _Runtime:
         self.active_np = None
         self.cum_train_flops = 0.0
         self.cum_probe_flops = 0.0
-        self._step_cost = {}
         self.cum_executed_flops = 0.0
+        self._step_cost = {}
         self.probe_cost = 0.0
 
     def setup_flops(self, batch_size):
@@ -589,6 +589,7 @@ class _Dispatcher:
             logs = out[0] if backends.name() == "jax" else out
             logs["mat_train_flops"] = rt.cum_train_flops
             logs["mat_total_flops"] = rt.cum_train_flops + rt.cum_probe_flops
+            logs["mat_executed_flops"] = rt.cum_executed_flops + rt.cum_probe_flops
         return out
 
     def _read_skip(self, out):
@@ -697,7 +698,6 @@ def _fit(self, x=None, y=None, *args, **kwargs):
             "`keras_mat.annotate(model)` before `fit`. Received: model not annotated"
         )
     if not mat.built:
-            logs["mat_executed_flops"] = rt.cum_executed_flops + rt.cum_probe_flops
         self.optimizer.build(self.trainable_variables)
     if not mat.families:
         raise ValueError(
