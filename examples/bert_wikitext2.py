@@ -1,0 +1,98 @@
+"""BERT masked-LM on WikiText-2: plain training vs MAT vs "Rand" vs Multirate (modules = attention heads).
+
+    KERAS_BACKEND=jax python examples/bert_wikitext2.py --data-dir ../shared/data --preset demo
+    python examples/bert_wikitext2.py --data-dir ../shared/data --epochs 8          # CPU scale: 4 x 4 heads, 256
+    python examples/bert_wikitext2.py --data-dir ../shared/data --ablation --variants ""  # ntk_output sum vs loss
+
+A BERT built from a keras-hub config (`keras_hub.models.BertBackbone`, no
+pretrained weights) in a `keras_hub.models.BertMaskedLM`, trained from scratch
+on masked-token prediction. Data (`wikitext.py`): a WordPiece vocabulary
+learned from the training text and cached in `--cache-dir`; the
+`BertMaskedLMPreprocessor`'s packer and masker with seeded masking, so every
+run and every backend sees the same masked tokens. Offline (`--data-dir`) it
+trains on the WikiText-2 *test* split and validates on the valid split (the
+offline copy has no train split); online (no `--data-dir`) it downloads the
+official archive and uses the standard train / valid splits.
+
+`keras_mat.annotate(model)` makes every attention head a module (and each
+remaining Dense layer a whole-layer module); `--embeddings-norms` also puts
+the embeddings and layer norms under MAT. The comparison metric is the
+validation masked-LM cross-entropy `val_mlm_loss` (lower is better; its exp
+is the perplexity), averaged over the real masked tokens; the masked-token
+accuracy is logged as `val_accuracy`. `--ablation` runs MAT with
+`ntk_output` "sum" and "loss" and compares the modules each one chooses.
+
+Runs unchanged under KERAS_BACKEND=jax, tensorflow or torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import wikitext  # noqa: E402  (examples/wikitext.py)
+
+# CPU scale of issue #7: 4 layers x 4 heads, hidden 256, sequence 128, ~8000 WordPieces.
+DEFAULTS = {**wikitext.DEFAULTS, **dict(layers=4, heads=4, hidden=256, epochs=3, lr=5e-4)}
+DEFAULTS["out_dir"] = "results/bert_wikitext2"
+# `make demo`: about 2 minutes on 2 CPU cores on JAX (all four variants).
+PRESETS = {
+    "demo": {**wikitext.DEMO, **dict(layers=2, heads=4, hidden=64, lr=1e-3, out_dir="results/demo_bert")}
+}
+ABLATION_OUTPUTS = ("sum", "loss")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    wikitext.add_arguments(p, PRESETS)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--ablation", action="store_true", help="also run MAT with ntk_output sum and loss")
+    args = p.parse_args(argv)
+    return wikitext.resolve(p, args, DEFAULTS, PRESETS)
+
+
+def build_bert(vocabulary_size, layers, heads, hidden, intermediate, seq, dropout=0.1):
+    """A fresh keras-hub `BertMaskedLM` (no preprocessor: data comes preprocessed)."""
+    import keras_hub
+
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=vocabulary_size,
+        num_layers=layers,
+        num_heads=heads,
+        hidden_dim=hidden,
+        intermediate_dim=intermediate,
+        dropout=dropout,
+        max_sequence_length=seq,
+    )
+    return keras_hub.models.BertMaskedLM(backbone=backbone, preprocessor=None)
+
+
+def main(argv=None):
+    """Runs the comparison (and the ntk_output ablation with `--ablation`).
+
+    Returns:
+        The `compare` results dict (variant -> record); with `--ablation` it
+        also holds `"ablation"`: ntk_output -> the MAT run's record.
+    """
+    args = parse_args(argv)
+
+    def build_model(vocabulary_size):
+        return build_bert(
+            vocabulary_size, args.layers, args.heads, args.hidden, args.intermediate, args.seq, args.dropout
+        )
+
+    title = f"BERT {args.layers}x{args.heads} heads, hidden {args.hidden}, seq {args.seq}, WikiText-2 MLM"
+    run, data = wikitext.prepare(args, build_model, title)
+    results = run(args.variants, args.out_dir) if args.variants else {}
+    if args.ablation:
+        results["ablation"] = wikitext.ntk_output_ablation(
+            run, args.out_dir, data["title"], ABLATION_OUTPUTS, args.verbose
+        )
+    return results
+
+
+if __name__ == "__main__":
+    main()
