@@ -6,6 +6,7 @@ from keras_mat.callbacks import MATLogger, plot_lambda
 from keras_mat.groups import ModuleGroup, annotate, discover_groups, get_groups
 from keras_mat.ntk import module_lambda_max
 from keras_mat.optimizer import ModularAdaptiveOptimizer, wrap
+from keras_mat.training import apply_measurement
 from keras_mat.version import __version__
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "ModuleGroup",
     "__version__",
     "annotate",
+    "apply_measurement",
     "baselines",
     "callbacks",
     "discover_groups",

@@ -209,6 +209,7 @@ def module_gram(jac, axis, num_modules):
         flat = ops.reshape(jac, (rows, 1, -1))
     else:
         flat = ops.reshape(ops.moveaxis(jac, axis + 1, 1), (rows, num_modules, -1))
+    flat = backends.get().gram_operand(flat)
     return ops.einsum("rgp,sgp->grs", flat, flat)
 
 
@@ -231,7 +232,7 @@ def top_eigenvalues(grams):
     normed = grams / scale
     if backends.name() != "jax":
         normed = ops.cast(normed, "float64")
-    top = ops.cast(ops.eigh(normed)[0][:, -1], dtype) * ops.reshape(scale, (-1,))
+    top = ops.cast(backends.get().eigenvalues(normed)[:, -1], dtype) * ops.reshape(scale, (-1,))
     return ops.where(finite, top, ops.full_like(top, float("nan")))
 
 

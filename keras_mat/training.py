@@ -27,6 +27,7 @@ every `probe_every` steps into `model.keras_mat_history`.
 
 from __future__ import annotations
 
+import contextlib
 import types
 import warnings
 
@@ -213,7 +214,9 @@ class _Runtime:
             masks = {g.name: np.asarray(m, bool) for g, m in zip(self.families, self.active_np)}
             analytic = flops.step_flops(self.flops_report, masks, frozen_prefix="auto")
             if skipping:
-                executed = flops.step_flops(self.flops_report, masks, frozen_prefix="auto", granularity="family")
+                executed = flops.step_flops(
+                    self.flops_report, masks, frozen_prefix="auto", granularity="family"
+                )
             else:
                 executed = flops.step_flops(self.flops_report, None)
             cost = (analytic * self.batch_size, executed * self.batch_size)
@@ -270,19 +273,9 @@ class _Runtime:
         py = None if y is None else tree.map_structure(lambda t: t[: self.samples], y)
         return px, py
 
-    def policy_step(self, lam, masks, frozen, lambda_init, delta_prev, delta_first, measurement):
+    def policy_step(self, lam, *state):
         """Pure: new values for the MAT state from one measurement."""
-        state = policy.PolicyState(
-            masks=list(masks),
-            frozen=list(frozen),
-            lambda_init=list(lambda_init),
-            delta_prev=list(delta_prev),
-            delta_first=list(delta_first),
-            measurement=ops.cast(measurement, "int32"),
-        )
-        lam = [ops.cast(v, "float32") for v in lam]
-        new = policy.policy_update(lam, state, self.alpha, self.beta, self.scopes, warmup=self.warmup)
-        return new, lam
+        return _policy_step(self.mat, self.scopes, lam, *state)
 
     def with_fractions(self, logs, masks, frozen):
         """`logs` plus the fractions of modules updated and stopped (progress
@@ -335,15 +328,94 @@ def _jax_train_step(self, state, data):
     return rt.with_fractions(logs, [ov[i] for i in pos["mask"]], [ov[i] for i in pos["frozen"]]), state
 
 
-def _stateful_measure(rt, data):
-    px, py = rt.probe_batch(data)
-    lam = rt.probe(px, py)
-    sv = rt.state_vars
-    new, lam = rt.policy_step(lam, *([s[k].value for s in sv] for k in _KEYS), rt.mat.num_measurements.value)
+def _policy_step(mat, scopes, lam, masks, frozen, lambda_init, delta_prev, delta_first, measurement):
+    # Pure: new values for the MAT state from one measurement.
+    state = policy.PolicyState(
+        masks=list(masks),
+        frozen=list(frozen),
+        lambda_init=list(lambda_init),
+        delta_prev=list(delta_prev),
+        delta_first=list(delta_first),
+        measurement=ops.cast(measurement, "int32"),
+    )
+    lam = [ops.cast(v, "float32") for v in lam]
+    new = policy.policy_update(lam, state, mat.alpha, mat.beta, scopes, warmup=mat.warmup)
+    return new, lam
+
+
+def _write_measurement(mat, scopes, lam):
+    # Stateful (TF, torch, custom loops): one measurement into the MAT state.
+    sv = [mat.mat_state[g.name] for g in mat.families]
+    new, lam = _policy_step(
+        mat, scopes, lam, *([s[k].value for s in sv] for k in _KEYS), mat.num_measurements.value
+    )
     for key, values in zip(_KEYS + ("lambda_max",), (*new[:5], lam)):
         for s, val in zip(sv, values):
             s[key].assign(val)
-    rt.mat.num_measurements.assign(ops.cast(new.measurement, rt.mat.num_measurements.dtype))
+    mat.num_measurements.assign(ops.cast(new.measurement, mat.num_measurements.dtype))
+
+
+def _stateful_measure(rt, data):
+    px, py = rt.probe_batch(data)
+    _write_measurement(rt.mat, rt.scopes, rt.probe(px, py))
+
+
+def apply_measurement(optimizer, lambda_max):
+    """Runs one MAT measurement on a wrapped optimizer from given lambda_max.
+
+    What the MAT training step does at a measurement, for custom training
+    loops: the temporal policy, then the modular policy, then the new masks,
+    frozen set and policy state are written into the optimizer's MAT state
+    and the measurement counter advances. Under data parallelism, pass the
+    same `lambda_max` on every replica (measured on the same probe set and
+    all-reduced, or measured on one rank and broadcast): the policy is
+    deterministic, so every replica then holds the same masks.
+
+    Args:
+        optimizer: A built `ModularAdaptiveOptimizer` (from `keras_mat.wrap`,
+            possibly inside a `LossScaleOptimizer`) with `policy="mat"`.
+        lambda_max: A dict: family name -> array-like of shape
+            `(num_modules,)`, e.g. what `keras_mat.module_lambda_max`
+            returns, for every family of the optimizer.
+
+    Returns:
+        The effective masks after the update (`optimizer.masks`): family
+        name -> boolean numpy array.
+
+    Raises:
+        ValueError: if `optimizer` is not a built MAT optimizer with
+            `policy="mat"`, or `lambda_max` misses a family or has a wrong
+            shape.
+
+    Example:
+
+    >>> lam = keras_mat.module_lambda_max(model, x_probe)  # doctest: +SKIP
+    >>> masks = keras_mat.apply_measurement(model.optimizer, lam)  # doctest: +SKIP
+    """
+    mat = find_mat_optimizer(optimizer)
+    if mat is None or not mat.built or mat.policy != "mat":
+        state = "not a keras_mat optimizer" if mat is None else f"built={mat.built}, policy={mat.policy!r}"
+        raise ValueError(
+            "`optimizer` must be a built keras_mat.wrap(...) optimizer with policy='mat' (build it "
+            f"with optimizer.build(model.trainable_variables)). Received: optimizer with {state}"
+        )
+    if not isinstance(lambda_max, dict) or set(lambda_max) != set(mat.mat_state):
+        got = sorted(lambda_max) if isinstance(lambda_max, dict) else type(lambda_max).__name__
+        raise ValueError(
+            f"`lambda_max` must be a dict with one entry per module family {sorted(mat.mat_state)}. "
+            f"Received: lambda_max keys={got}"
+        )
+    lam = []
+    for g in mat.families:
+        value = np.asarray(ops.convert_to_numpy(lambda_max[g.name]), dtype="float32")
+        if value.shape != (g.num_modules,):
+            raise ValueError(
+                f"`lambda_max[{g.name!r}]` must have shape ({g.num_modules},). Received: shape {value.shape}"
+            )
+        lam.append(ops.convert_to_tensor(value))
+    scopes = policy.scope_ids([g.kind for g in mat.families], mat.threshold_scope)
+    _write_measurement(mat, scopes, lam)
+    return mat.masks
 
 
 def _stateful_train_step(self, data, measure_now, skipping_step):
@@ -363,12 +435,45 @@ def _stateful_train_step(self, data, measure_now, skipping_step):
 
 
 def _tf_measure_now(rt, data):
-    def measure():
-        _stateful_measure(rt, data)
+    import tensorflow as tf
+
+    def zero():
         return ops.convert_to_tensor(0)
 
+    def measure():
+        _stateful_measure(rt, data)
+        return zero()
+
     do = ops.equal(ops.mod(rt.mat.iterations.value, rt.probe_every), 0)
-    ops.cond(do, measure, lambda: ops.convert_to_tensor(0))
+    replica = tf.distribute.get_replica_context()
+    if replica is None or replica.num_replicas_in_sync == 1:
+        ops.cond(do, measure, zero)
+        return
+    # MirroredStrategy: every replica probes the same samples (a batch probe
+    # is gathered from all replicas first) and lambda is averaged across
+    # replicas before the policy, so masks agree on every replica even where
+    # kernels are not bitwise deterministic. Collectives cannot sit inside
+    # tf.cond here (merge_call), so they run on every step: a few floats,
+    # plus the batch with probe="batch".
+    if rt.fixed:
+        px, py = rt.fixed_probe
+    else:
+        from keras.src.trainers.data_adapters import data_adapter_utils
+
+        def head(t):  # the first probe_samples samples of the global batch
+            return tf.ensure_shape(replica.all_gather(t, 0)[: rt.samples], (rt.samples,) + tuple(t.shape[1:]))
+
+        x, y, _ = data_adapter_utils.unpack_x_y_sample_weight(data)
+        px, py = tree.map_structure(head, x), (None if y is None else tree.map_structure(head, y))
+    current = [ops.convert_to_tensor(s["lambda_max"].value) for s in rt.state_vars]
+    lam = ops.cond(do, lambda: [ops.cast(v, "float32") for v in rt.probe(px, py)], lambda: current)
+    lam = replica.all_reduce(tf.distribute.ReduceOp.MEAN, lam)
+
+    def write():
+        _write_measurement(rt.mat, rt.scopes, lam)
+        return zero()
+
+    ops.cond(do, write, zero)
 
 
 def _torch_measure_now(rt, data):
@@ -511,18 +616,25 @@ class _Dispatcher:
 
         return step
 
-    def _function(self, key):
+    def _function(self, key, args=()):
         fn = self.cache.get(key)
         if fn is None:
             model = self.model
             installed = model.train_step
             object.__setattr__(model, "train_step", self._keyed_step(installed, key))
+            if backends.name() == "jax" and keras.distribution.distribution() is not None:
+                # Keras pins the step's output shardings to the variables'
+                # shardings, but inside `fit` the variables are purged: take
+                # them from the state this step receives (same structure).
+                spec = tuple([a.sharding for a in part] for part in args[0])
+                object.__setattr__(model, "_get_state_sharding_spec", lambda: spec)
             try:
                 model.train_function = None
                 type(model).make_train_function(model, force=True)
                 fn = model.train_function
             finally:
                 object.__setattr__(model, "train_step", installed)
+                model.__dict__.pop("_get_state_sharding_spec", None)
                 model.train_function = self
             self.cache[key] = fn
             self.rt.num_compiles += 1
@@ -573,7 +685,7 @@ class _Dispatcher:
             args = self._apply_schedule(args)
         measuring = rt.active and rt.step % rt.probe_every == 0
         key = () if measuring else rt.next_skip
-        fn = self._function(key)
+        fn = self._function(key, args)
         rt.skip = key  # torch's step looks up train_step per call; JAX/TF pinned it at trace
         out = fn(*args)
         rt.step += 1
@@ -682,6 +794,41 @@ def _batch_size_of(x, kwargs, probe_data):
     return 32
 
 
+def _check_distribution(model):
+    """Raises where MAT under a distribution engine would not keep the
+    replicas' masks identical (see README, "Scaling out")."""
+    name = backends.name()
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        strategy = model.distribute_strategy
+        if strategy.num_replicas_in_sync > 1 and not isinstance(strategy, tf.distribute.MirroredStrategy):
+            raise NotImplementedError(
+                "keras_mat's MAT step supports tf.distribute.MirroredStrategy (one machine, several "
+                f"devices) and single-replica strategies. Received: {type(strategy).__name__} with "
+                f"{strategy.num_replicas_in_sync} replicas"
+            )
+    elif name == "jax":
+        import jax
+
+        if jax.process_count() > 1:
+            raise NotImplementedError(
+                "keras_mat's MAT step runs in one JAX process (keras.distribution over its local "
+                "devices); multi-process training would probe a different fixed probe set in "
+                f"every process. Received: jax.process_count()={jax.process_count()}"
+            )
+    elif name == "torch":
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise NotImplementedError(
+                "Keras's `fit` on torch does not synchronize replicas, so each rank would train "
+                "(and mask) its own copy. Use a custom loop with keras_mat.apply_measurement "
+                "(docs/scaling_out.md, examples/torch_ddp.py). Received: torch.distributed "
+                f"world_size={dist.get_world_size()}"
+            )
+
+
 def _fit(self, x=None, y=None, *args, **kwargs):
     mat = find_mat_optimizer(getattr(self, "optimizer", None))
     callbacks = list(kwargs.pop("callbacks", None) or [])
@@ -697,8 +844,12 @@ def _fit(self, x=None, y=None, *args, **kwargs):
             "The model was compiled with a keras_mat optimizer but never annotated: call "
             "`keras_mat.annotate(model)` before `fit`. Received: model not annotated"
         )
+    _check_distribution(self)
     if not mat.built:
-        self.optimizer.build(self.trainable_variables)
+        # TF: under the model's tf.distribute strategy, as Keras builds it.
+        tf_strategy = backends.name() == "tensorflow"
+        with self.distribute_strategy.scope() if tf_strategy else contextlib.nullcontext():
+            self.optimizer.build(self.trainable_variables)
     if not mat.families:
         raise ValueError(
             "keras_mat.wrap(...) found no module family among the model's trainable variables: "

@@ -10,6 +10,10 @@ Every backend module exposes the same small set of functions:
   (`jax.jit`, `tf.function`, identity on torch).
 - `vjp(fn, values)` / `jvp(fn, values, tangents)`: reverse and forward
   products of a batched function, for the matrix-free method.
+- `gram_operand(flat)`: the `(rows, G, p)` block of a Gram contraction, laid
+  out for it (JAX under `keras.distribution`: split over `p`; else as is).
+- `eigenvalues(matrices)`: ascending eigenvalues of a `(G, m, m)` stack of
+  symmetric matrices (JAX: one matrix at a time on a multi-device CPU).
 - `scalar_grad(fn, values)`: plain gradient of a scalar function (used by the
   slow reference only).
 """

@@ -3,11 +3,76 @@
 import jax
 
 
+def _batch_axis():
+    # (jax mesh, batch axis name, its size) of the active
+    # `keras.distribution`, or None when nothing is split over samples.
+    import keras
+
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return None
+    mesh = distribution.device_mesh
+    size = dict(zip(mesh.axis_names, mesh.shape)).get(distribution.batch_dim_name, 1)
+    return (mesh.backend_mesh, distribution.batch_dim_name, size) if size > 1 else None
+
+
+def _constrain(t, axis, spec):
+    return jax.lax.with_sharding_constraint(t, jax.sharding.NamedSharding(axis[0], spec))
+
+
 def per_sample_jacobians(fn, probe_values, x, y, key=None):
     # jacrev over the k outputs of one sample, vmapped over samples: one
     # vectorized reverse pass per output row, no O(n^2) batch Jacobian.
+    # Under `keras.distribution` the probe samples are split over the batch
+    # axis like a training batch (a size it does not divide stays whole), so
+    # each device differentiates its share; also for the fixed probe set,
+    # which is a constant of the step.
+    axis = _batch_axis()
+    if axis is not None:
+        P = jax.sharding.PartitionSpec
+
+        def split(t):
+            if t is None or t.ndim == 0 or t.shape[0] % axis[2]:
+                return t
+            return _constrain(t, axis, P(axis[1]))
+
+        x, y = jax.tree_util.tree_map(split, (x, y))
     jac = jax.vmap(jax.jacrev(fn), in_axes=(None, 0, 0))(probe_values, x, y)
     return list(jac)
+
+
+def gram_operand(flat):
+    """The `(rows, G, p)` Jacobian block of a Gram contraction.
+
+    Under `keras.distribution` it is split over the parameters `p` along the
+    batch axis: each device contracts its slice and the partial Grams are
+    summed across devices (an all-reduce of `(G, rows, rows)`). Left to
+    itself XLA all-gathers the row-split Jacobian onto every device instead
+    (the whole `rows x p` block per device).
+    """
+    axis = _batch_axis()
+    if axis is None or flat.shape[-1] % axis[2]:
+        return flat
+    P = jax.sharding.PartitionSpec
+    return _constrain(flat, axis, P(None, P.UNCONSTRAINED, axis[1]))
+
+
+def eigenvalues(matrices):
+    """Ascending eigenvalues of a `(G, m, m)` stack of symmetric matrices.
+
+    On a CPU with several devices (`--xla_force_host_platform_device_count`,
+    `keras.distribution`), one matrix at a time: jaxlib's batched LAPACK
+    `eigh` spreads the batch over the intra-op thread pool and blocks on it,
+    and when every device's copy of the step does so at once the pool has no
+    free thread left: the step hangs (seen with 4 devices on 2 cores). A
+    batch of one runs inline.
+    """
+    if _batch_axis() is not None:
+        # One gather of the (small) Grams, then the same solve on every device.
+        matrices = _constrain(matrices, _batch_axis(), jax.sharding.PartitionSpec())
+    if jax.default_backend() == "cpu" and jax.device_count() > 1:
+        return jax.lax.map(lambda m: jax.numpy.linalg.eigh(m)[0], matrices)
+    return jax.numpy.linalg.eigh(matrices)[0]
 
 
 def compile_probe(fn, xla=True):

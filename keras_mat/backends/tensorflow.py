@@ -8,6 +8,7 @@ slower and graph mode is both safe and fast.
 """
 
 import tensorflow as tf
+from keras import ops
 
 
 def _rows(fn, probe_values, xi, yi):
@@ -27,6 +28,15 @@ def per_sample_jacobians(fn, probe_values, x, y, key=None):
     return tf.vectorized_map(
         lambda args: _rows(fn, probe_values, args[0], args[1]), (x, y), fallback_to_while_loop=True
     )
+
+
+def gram_operand(flat):
+    return flat
+
+
+def eigenvalues(matrices):
+    """Ascending eigenvalues of a `(G, m, m)` stack of symmetric matrices."""
+    return ops.eigh(matrices)[0]
 
 
 def compile_probe(fn, xla=True):

@@ -13,7 +13,7 @@ import contextlib
 import warnings
 
 import torch
-from keras import tree
+from keras import ops, tree
 
 
 def _detached(values):
@@ -66,6 +66,15 @@ def per_sample_jacobians_loop(fn, probe_values, x, y):
             rows.append([torch.zeros_like(v) if g is None else g for g, v in zip(grads, probe_values)])
         per_sample.append([torch.stack([r[v] for r in rows]) for v in range(len(probe_values))])
     return [torch.stack([p[v] for p in per_sample]).detach() for v in range(len(probe_values))]
+
+
+def gram_operand(flat):
+    return flat
+
+
+def eigenvalues(matrices):
+    """Ascending eigenvalues of a `(G, m, m)` stack of symmetric matrices."""
+    return ops.eigh(matrices)[0]
 
 
 def compile_probe(fn, xla=True):
