@@ -824,7 +824,7 @@ def _check_distribution(model):
             raise NotImplementedError(
                 "Keras's `fit` on torch does not synchronize replicas, so each rank would train "
                 "(and mask) its own copy. Use a custom loop with keras_mat.apply_measurement "
-                "(docs/scaling_out.md, examples/torch_ddp.py). Received: torch.distributed "
+                "(README, \"Scaling out\"; examples/torch_ddp.py). Received: torch.distributed "
                 f"world_size={dist.get_world_size()}"
             )
 
