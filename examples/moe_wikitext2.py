@@ -1,7 +1,8 @@
 """Switch-style MoE masked LM on WikiText-2: plain vs MAT vs "Rand" vs Multirate (modules = experts and heads).
 
     KERAS_BACKEND=jax python examples/moe_wikitext2.py --data-dir ../shared/data --preset demo
-    python examples/moe_wikitext2.py --data-dir ../shared/data --epochs 6
+    python examples/moe_wikitext2.py --data-dir ../shared/data --batch-size 16 --epochs 4 --steps-per-epoch 20 \
+        --val-samples 128 --probe-every 10 --probe-samples 8
 
 A small pre-LayerNorm transformer encoder whose feed-forward blocks are
 top-1 routed mixtures of experts (`SwitchFeedForward`, after Fedus et al.,

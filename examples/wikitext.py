@@ -534,17 +534,23 @@ def ablation_report(runs, logs, title):
     return "\n".join(lines)
 
 
-def ntk_output_ablation(run, out_dir, title, outputs, verbose=1):
+def ntk_output_ablation(run, out_dir, title, outputs, verbose=1, done=None):
     """MAT once per `ntk_output` in `outputs` (same seed, data and options);
     writes `out_dir/ablation.md` and `ablation.json`; returns
-    `{ntk_output: MAT record}`."""
+    `{ntk_output: MAT record}`. `done` maps an ntk_output to a finished
+    run's `(MAT record, its mat_log.csv)`, e.g. the comparison's own MAT run,
+    which is then not trained again."""
     import json
 
     runs, logs = {}, {}
     for mode in outputs:
-        folder = os.path.join(out_dir, f"ablation_{mode}")
-        runs[mode] = run(("mat",), folder, f"{title}, ntk_output={mode}", ntk_output=mode)["mat"]
-        logs[mode] = _read_log(os.path.join(folder, "mat_log.csv"))
+        if done and mode in done:
+            runs[mode], log = done[mode]
+        else:
+            folder = os.path.join(out_dir, f"ablation_{mode}")
+            runs[mode] = run(("mat",), folder, f"{title}, ntk_output={mode}", ntk_output=mode)["mat"]
+            log = os.path.join(folder, "mat_log.csv")
+        logs[mode] = _read_log(log)
     report = ablation_report(runs, logs, title)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "ablation.md"), "w") as f:
