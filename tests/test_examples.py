@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(ROOT, "..", "shared", "data")
 
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
@@ -82,3 +83,34 @@ def test_compare_rejects_bad_arguments(tmp_path):
         common.compare(_tiny_cnn, data, data, variants=("plain", "rand"), **kw)
     with pytest.raises(ValueError, match="mode"):
         common.compare(_tiny_cnn, data, data, mode="up", **kw)
+
+
+@pytest.mark.skipif(
+    not os.path.isfile(os.path.join(DATA, "cifar10-jpeg", "cifar-10-jpeg-q75.zip")),
+    reason="needs the offline CIFAR-10 JPEG archive in ../shared/data (present on CI and dev machines)",
+)
+def test_vgg_cifar10_example_runs_offline(tmp_path):
+    import vgg_cifar10
+
+    argv = [
+        "--data-dir", DATA, "--cache-dir", str(tmp_path / "cache"),
+        "--train-samples", "256", "--val-samples", "128", "--depth", "11", "--width", "0.0625",
+        "--epochs", "1", "--batch-size", "64", "--probe-every", "2", "--probe-samples", "4",
+        "--ntk-output", "sum", "--out-dir", str(tmp_path / "out"), "--verbose", "0",
+        # MAT only: compiling each variant's VGG step costs seconds; the harness runs all
+        # four variants in test_compare_runs_all_variants_and_writes_results.
+        "--variants", "mat",
+    ]  # fmt: skip
+    results = vgg_cifar10.main(argv)
+    assert list(results) == ["mat"]
+    # VGG11: 8 conv layers of filters (64 x 0.0625 = 4 in the first) and the classifier.
+    families = results["mat"]["final_active"]
+    assert len(families) == 9 and len(families["conv1/filters"]) == 4 and len(families["classifier"]) == 1
+    for r in results.values():
+        assert 0.0 <= r["final"] <= 1.0 and r["train_flops"] > 0
+    assert os.path.getsize(tmp_path / "out" / "results.md") > 100
+    # The decoded subset is cached: a second load reads it and gives the same shuffled images.
+    (a, _), _ = vgg_cifar10.load_cifar10(DATA, str(tmp_path / "cache"), 256, 128, 0, 0)
+    (b, yb), _ = vgg_cifar10.load_cifar10(DATA, str(tmp_path / "cache2"), 256, 128, 0, 0)
+    np.testing.assert_array_equal(a, b)
+    assert len(set(yb.tolist())) == 10  # shuffled: every class among the first 256
