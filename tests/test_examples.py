@@ -114,3 +114,148 @@ def test_vgg_cifar10_example_runs_offline(tmp_path):
     (b, yb), _ = vgg_cifar10.load_cifar10(DATA, str(tmp_path / "cache2"), 256, 128, 0, 0)
     np.testing.assert_array_equal(a, b)
     assert len(set(yb.tolist())) == 10  # shuffled: every class among the first 256
+
+
+# --------------------------------------------------------------------------------------
+# Text examples: BERT and Switch MoE masked LM on WikiText-2 (examples/wikitext.py)
+# --------------------------------------------------------------------------------------
+
+WIKITEXT = os.path.join(DATA, "wikitext-2-raw")
+needs_wikitext = pytest.mark.skipif(
+    not os.path.isfile(os.path.join(WIKITEXT, "wiki.test.raw")),
+    reason="needs the offline WikiText-2 copy in ../shared/data (present on CI and dev machines)",
+)
+# A few KB of real text, a 300-token vocabulary, 1 layer, hidden 32, sequences of 32 tokens;
+# 4 steps, measurements at steps 0 and 3 (few distinct compiled steps: JAX compiles dominate).
+TINY_TEXT = [
+    "--data-dir", DATA, "--max-text-bytes", "12000", "--vocab", "300", "--seq", "32",
+    "--train-samples", "32", "--val-samples", "16", "--batch-size", "16", "--epochs", "2",
+    "--layers", "1", "--heads", "2", "--hidden", "32", "--probe-every", "3", "--probe-samples", "4",
+    "--verbose", "0",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def wordpiece_cache(tmp_path_factory):
+    """One vocabulary cache per test session (learning it is the slow part)."""
+    return str(tmp_path_factory.mktemp("wordpiece"))
+
+
+@needs_wikitext
+def test_wikitext_masked_arrays_are_seeded_and_cached(wordpiece_cache):
+    import wikitext
+
+    train, valid, description = wikitext.load_text(DATA, max_bytes=12000)
+    assert "TEST split" in description and train[0] != valid[0]
+    vocab = wikitext.wordpiece_vocabulary(train, 300, wordpiece_cache, verbose=0)
+    assert vocab[:5] == ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"] and len(vocab) <= 300
+    assert wikitext.wordpiece_vocabulary(train, 300, wordpiece_cache) == vocab  # read from the cache
+    pre = wikitext.make_preprocessor(vocab, 32)
+    x, y, w = wikitext.masked_lm_arrays(pre, valid, max_sequences=8, seed=3)
+    x2, y2, w2 = wikitext.masked_lm_arrays(pre, valid, max_sequences=8, seed=3)
+    x3, _, _ = wikitext.masked_lm_arrays(pre, valid, max_sequences=8, seed=4)
+    for key in x:
+        np.testing.assert_array_equal(x[key], x2[key])
+    np.testing.assert_array_equal(y, y2)
+    assert not np.array_equal(x["mask_positions"], x3["mask_positions"])
+    # [CLS] first, 30 text tokens, [SEP]; masked slots point at real tokens, labels are the originals.
+    assert x["token_ids"].shape == (8, 32) and y.shape == w.shape == (8, wikitext.mask_selection_length(32))
+    assert np.all(x["token_ids"][:, 0] == 1) and np.all(x["padding_mask"][:, :-1])
+    clean, _, _ = wikitext.masked_lm_arrays(pre, valid, max_sequences=8, seed=3, copies=2)
+    assert clean["token_ids"].shape == (16, 32)
+    rows, slots = np.nonzero(w)
+    positions = x["mask_positions"][rows, slots]
+    assert np.all(positions >= 1) and np.all(positions <= 30) and np.all(y[rows, slots] >= 5)
+    assert np.mean(x["token_ids"][rows, positions] == 4) > 0.5  # mostly [MASK] (80 % expected)
+
+
+def _switch_reference(x, mask, router, w_in, b_in, w_out, b_out, capacity):
+    """Top-1 routing with per-sequence capacity, token by token (numpy)."""
+    logits = x @ router
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out = np.zeros_like(x)
+    dropped = 0
+    for b in range(x.shape[0]):
+        load = np.zeros(router.shape[1], int)
+        for s in range(x.shape[1]):
+            e = int(np.argmax(probs[b, s]))
+            if not mask[b, s]:
+                continue
+            if load[e] >= capacity:
+                dropped += 1
+                continue
+            load[e] += 1
+            h = np.maximum(x[b, s] @ w_in[e] + b_in[e], 0.0)
+            out[b, s] = probs[b, s, e] * (h @ w_out[e] + b_out[e])
+    return out, probs, dropped
+
+
+def test_switch_feed_forward_matches_top1_reference():
+    import moe_wikitext2
+
+    rng = np.random.RandomState(0)
+    layer = moe_wikitext2.SwitchFeedForward(3, 5, capacity_factor=1.0, aux_loss_weight=0.5, activation="relu")
+    x = rng.randn(2, 6, 4).astype("float32")
+    x[..., 0] = np.abs(x[..., 0]) + 1.0
+    mask = np.ones((2, 6), bool)
+    mask[1, -2:] = False
+    layer.build(x.shape)
+    router = rng.randn(4, 3).astype("float32")
+    router[0] = [3.0, 0.0, 0.0]  # most tokens prefer expert 0: its capacity (2 per sequence) overflows
+    weights = [router] + [rng.randn(*v.shape).astype("float32") for v in layer.weights[1:]]
+    for v, value in zip(layer.weights, weights):
+        v.assign(value)
+    y = keras.ops.convert_to_numpy(layer(x, padding_mask=mask))
+    expected, probs, dropped = _switch_reference(x, mask, *weights, capacity=layer.capacity(6))
+    assert layer.capacity(6) == 2 and dropped > 0
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+    routed = np.eye(3)[probs.argmax(-1)] * mask[..., None]
+    fraction = routed.sum((0, 1)) / mask.sum()
+    mean_prob = (probs * mask[..., None]).sum((0, 1)) / mask.sum()
+    aux = 0.5 * 3 * np.sum(fraction * mean_prob)
+    np.testing.assert_allclose(float(keras.ops.convert_to_numpy(layer.losses[-1])), aux, rtol=1e-5)
+
+
+def test_moe_model_modules_are_experts_and_heads():
+    import moe_wikitext2
+
+    import keras_mat
+    from keras_mat import flops
+
+    model = moe_wikitext2.build_moe(50, layers=2, heads=2, hidden=8, intermediate=16, experts=4, seq=12)
+    keras_mat.annotate(model)
+    groups = {g.name: g for g in keras_mat.get_groups(model)}
+    for i in range(2):
+        experts = groups[f"block{i}_moe/experts"]
+        assert experts.kind == "expert" and experts.num_modules == 4 and len(experts.variables) == 4
+        assert groups[f"block{i}_attention/heads"].num_modules == 2
+    covered = {id(v) for g in groups.values() for v in g.variables}
+    routers = [v for v in model.trainable_variables if "router" in v.path]
+    assert len(routers) == 2 and not any(id(v) in covered for v in routers)  # always trained
+    # FLOPs: one expert per token (top_k = 1); 12 tokens, hidden 8, expert width 16, router 8 x 4.
+    shapes = {"token_ids": (12,), "padding_mask": (12,), "mask_positions": (3,)}
+    report = flops.count_flops(model, 1, input_shapes=shapes, groups=keras_mat.get_groups(model))
+    moe = [c for name, c in report.layers.items() if name.endswith("block0_moe")]
+    assert moe and moe[0]["forward"] == 2 * 12 * (8 * 16 * 2 + 8 * 4)
+    np.testing.assert_allclose(report.families["block0_moe/experts"], [2 * 12 * 8 * 16 * 2 / 4] * 4)
+
+
+@needs_wikitext
+@pytest.mark.parametrize("example", ["bert_wikitext2", "moe_wikitext2"])
+def test_text_example_runs_offline(example, wordpiece_cache, tmp_path):
+    module = __import__(example)
+    argv = TINY_TEXT + ["--cache-dir", wordpiece_cache, "--variants", "plain,mat,rand"]
+    argv += ["--out-dir", str(tmp_path)]
+    results = module.main(argv)
+    assert list(results) == ["plain", "mat", "rand"]
+    for r in results.values():
+        assert len(r["epochs"]) == 2 and np.isfinite(r["final"]) and 0 < r["final"] < 10  # ln(300) = 5.7
+        assert r["train_flops"] > 0
+    families = results["mat"]["final_active"]
+    heads = [f for f in families if f.endswith("/heads")]
+    assert len(heads) == 1 and len(families[heads[0]]) == 2
+    if example == "moe_wikitext2":
+        assert len(families["block0_moe/experts"]) == 4
+    table = (tmp_path / "results.md").read_text()
+    assert "| mat |" in table and "perplexity" in table
