@@ -824,7 +824,7 @@ def _check_distribution(model):
             raise NotImplementedError(
                 "Keras's `fit` on torch does not synchronize replicas, so each rank would train "
                 "(and mask) its own copy. Use a custom loop with keras_mat.apply_measurement "
-                "(README, \"Scaling out\"; examples/torch_ddp.py). Received: torch.distributed "
+                '(README, "Scaling out"; examples/torch_ddp.py). Received: torch.distributed '
                 f"world_size={dist.get_world_size()}"
             )
 
@@ -872,7 +872,7 @@ def _fit(self, x=None, y=None, *args, **kwargs):
         # it (or the MAT configuration) changed.
         self.train_function = None
     object.__setattr__(self, "_keras_mat_runtime", runtime)
-    runtime.step = int(ops.convert_to_numpy(mat.iterations.value))
+    runtime.step = int(mat.iterations.numpy())  # (convert_to_numpy fails on a TF mirrored int in scope)
     if runtime.schedule and self.steps_per_execution != 1:
         raise ValueError(
             "A mask schedule (keras_mat.baselines) sets the masks before every step: compile "
