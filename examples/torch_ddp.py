@@ -49,15 +49,21 @@ def parse_args(argv=None):
     return args
 
 
-def build_model():
-    """Attention heads and two Dense layers: head and whole-layer modules."""
+def build_model(seed=0):
+    """Attention heads and two Dense layers: head and whole-layer modules,
+    with numpy-seeded weights (the same in every process and run)."""
     import keras
+    import numpy as np
 
     inp = keras.Input((4, 8))
     x = keras.layers.MultiHeadAttention(4, 4, name="mha")(inp, inp)
     x = keras.layers.Flatten()(x)
     x = keras.layers.Dense(6, activation="tanh", name="fc")(x)
-    return keras.Model(inp, keras.layers.Dense(3, name="out")(x))
+    model = keras.Model(inp, keras.layers.Dense(3, name="out")(x))
+    rng = np.random.RandomState(seed)
+    for v in model.trainable_variables:
+        v.assign(rng.uniform(-0.5, 0.5, size=tuple(v.shape)).astype("float32"))
+    return model
 
 
 def make_data(n=64, seed=0):
@@ -101,7 +107,6 @@ def train(rank, args, port=None):
         dist.init_process_group(
             args.backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
         )
-    keras.utils.set_random_seed(0)
     model = build_model()
     keras_mat.annotate(model)
     optimizer = keras_mat.wrap(

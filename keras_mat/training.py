@@ -28,6 +28,7 @@ every `probe_every` steps into `model.keras_mat_history`.
 from __future__ import annotations
 
 import contextlib
+import sys
 import types
 import warnings
 
@@ -79,12 +80,10 @@ def capture_probe_set(x, y, n):
 
     if x is None:
         return None
-    try:
-        import tensorflow as tf
-
-        is_dataset = isinstance(x, tf.data.Dataset)
-    except ImportError:  # TensorFlow is optional outside the TF backend
-        is_dataset = False
+    # A tf.data.Dataset implies TensorFlow is imported: importing it only to
+    # ask would cost seconds on the JAX and torch backends.
+    tf = sys.modules.get("tensorflow")
+    is_dataset = tf is not None and isinstance(x, tf.data.Dataset)
     if is_dataset or isinstance(x, keras.utils.PyDataset):
         xs, ys, have = [], [], 0
         batches = iter(x) if is_dataset else (x[i] for i in range(len(x)))
@@ -779,14 +778,10 @@ def _batch_size_of(x, kwargs, probe_data):
     # else the first batch of a dataset (a short last batch is over-counted).
     if kwargs.get("batch_size"):
         return int(kwargs["batch_size"])
-    try:
-        import tensorflow as tf
-
-        if isinstance(x, tf.data.Dataset):
-            first = next(iter(x))
-            return int(np.shape(tree.flatten(first)[0])[0])
-    except ImportError:
-        pass
+    tf = sys.modules.get("tensorflow")  # (see capture_probe_set)
+    if tf is not None and isinstance(x, tf.data.Dataset):
+        first = next(iter(x))
+        return int(np.shape(tree.flatten(first)[0])[0])
     if isinstance(x, keras.utils.PyDataset):
         return int(np.shape(tree.flatten(x[0])[0])[0])
     if probe_data is not None and isinstance(x, (np.ndarray, dict, list, tuple)):

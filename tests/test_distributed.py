@@ -54,11 +54,12 @@ def _check_against_one_device(runs, distributed, copies):
 
 def test_jax_data_parallel_matches_one_device():
     _session("jax", "keras.distribution on 4 simulated CPU devices")
-    out = _run("jax", ["examples/data_parallel.py", "--backend", "jax", "--steps", "4", "--json"])
-    runs = json.loads(out.strip().splitlines()[-1])
+    # ModelParallel (heads split over a "model" axis) is left to
+    # `python examples/data_parallel.py --backend jax`: a third compiled run
+    # would exceed this file's time budget.
+    argv = ["examples/data_parallel.py", "--backend", "jax", "--steps", "4", "--json", "--no-model-parallel"]
+    runs = json.loads(_run("jax", argv).strip().splitlines()[-1])
     _check_against_one_device(runs, "DataParallel", copies=4)
-    # Heads split over a "model" axis: every 2 devices share a slice.
-    _check_against_one_device(runs, "ModelParallel (heads split)", copies=4)
 
 
 def test_tf_mirrored_strategy_matches_one_device():
