@@ -380,7 +380,8 @@ def compare(
         callbacks.append(recorder)
         if verbose:
             print(f"\n=== {title + ': ' if title else ''}{name} ===", flush=True)
-        fit_kwargs = {"batch_size": batch_size} if isinstance(train, tuple) else {}
+        # Arrays: batched and shuffled by fit; datasets come batched and shuffled.
+        fit_kwargs = {"batch_size": batch_size} if isinstance(train, tuple) else {"shuffle": False}
         x, y = (train[0], train[1]) if isinstance(train, tuple) else (train, None)
         keras.utils.set_random_seed(seed)
         model.fit(
