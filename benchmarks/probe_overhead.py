@@ -107,7 +107,10 @@ def main():
     args = parse_args()
     import keras
 
-    rows = [run(args, skip=False), run(args, skip=True)]
+    rows = []
+    for skip in (False, True):
+        rows.append(run(args, skip))
+        print(rows[-1], flush=True)
     for r in rows:
         print(
             f"skip_gradients={r['skip_gradients']}: ordinary step {r['ordinary_step_ms']:.0f} ms, "

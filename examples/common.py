@@ -15,9 +15,10 @@ Variants:
 - "mat": `keras_mat.annotate` + `keras_mat.wrap(optimizer_fn(), **mat_options)`
   and a `MATLogger`.
 - "rand": `keras_mat.RandomModules`, compute-matched to the MAT run: after
-  each of MAT's measurements r it draws, per module family, as many random
-  modules as MAT had active in that family after measurement r, with
-  `every = probe_every` (needs "mat" in `variants`; it runs after it).
+  each of MAT's measurements r it draws, per kind of module (heads, filters,
+  experts, whole layers), as many modules as MAT had active of that kind,
+  uniformly from all modules of the kind, with `every = probe_every` (needs
+  "mat" in `variants`; it runs after it).
 - "multirate": `keras_mat.Multirate(**multirate_options)` (defaults: half of
   each family fast, slow modules every 4 steps).
 
@@ -127,12 +128,34 @@ def _plain_step_flops(model, batch_size, input_shapes):
     return flops_lib.step_flops(report, None, frozen_prefix="auto") * batch_size
 
 
-def _rand_fractions(logger):
-    """Per family, MAT's fraction of active modules after each measurement."""
+def _rand_fractions(logger, kinds, seed):
+    """Per family, the fraction of its modules that Rand updates after each of
+    MAT's measurements.
+
+    Compute-matched *per kind* of module, not per family: after measurement r,
+    if MAT had A of the heads (filters, experts, whole layers) active, Rand
+    draws A heads uniformly from all heads of the model, wherever they are.
+    (Matching per family would copy MAT's choice whenever MAT turns whole
+    families on or off, as it does with a global threshold: Rand would then
+    *be* MAT.) `RandomModules` then picks which modules within each family.
+    """
     table = {}
     for row in logger.rows:
         table.setdefault(row["family"], {}).setdefault(row["measurement"], []).append(row["active"])
-    return {family: [float(np.mean(per[r])) for r in sorted(per)] for family, per in table.items()}
+    families = sorted(table)
+    measurements = sorted({r for per in table.values() for r in per})
+    out = {f: [] for f in families}
+    for r in measurements:
+        rng = np.random.default_rng([seed, r])
+        for kind in sorted({kinds.get(f, "custom") for f in families}):
+            members = [f for f in families if kinds.get(f, "custom") == kind]
+            sizes = [len(table[f][r]) for f in members]
+            active = int(sum(int(np.sum(table[f][r])) for f in members))
+            owner = np.repeat(np.arange(len(members)), sizes)
+            chosen = owner[rng.permutation(len(owner))[:active]]
+            for i, f in enumerate(members):
+                out[f].append(float(np.sum(chosen == i)) / sizes[i])
+    return out
 
 
 def _better(a, b, mode):
@@ -361,7 +384,8 @@ def compare(
                 callbacks.append(mat_logger)
             else:
                 if name == "rand":
-                    fractions = _rand_fractions(mat_logger)
+                    kinds = {g.name: g.kind for g in keras_mat.get_groups(model)}
+                    fractions = _rand_fractions(mat_logger, kinds, seed)
                     if not fractions:
                         raise ValueError(
                             "The MAT run logged no measurement, so Rand has no active fraction to match. "

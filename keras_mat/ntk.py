@@ -345,7 +345,12 @@ class Probe:
             probe_values = [trainable_values[p] for p in probe_pos]
             for f, part in zip(fams, run(probe_values, trainable_values, non_trainable_values, x, y)):
                 grams[f] = part if grams[f] is None else grams[f] + part
-        return [top_eigenvalues(g) for g in grams]
+        # One eigensolve for every family (all Grams are rows x rows): a single
+        # LAPACK call in the step, never several that could block each other.
+        sizes = [int(g.shape[0]) for g in grams]
+        top = top_eigenvalues(grams[0] if len(grams) == 1 else ops.concatenate(grams, axis=0))
+        starts = np.cumsum([0] + sizes)
+        return [top[a:b] for a, b in zip(starts[:-1], starts[1:])]
 
     def from_values(self, trainable_values, non_trainable_values, x, y=None):
         """Pure measurement (traceable inside a compiled training step): list of

@@ -245,10 +245,12 @@ def test_moe_model_modules_are_experts_and_heads():
 @pytest.mark.parametrize("example", ["bert_wikitext2", "moe_wikitext2"])
 def test_text_example_runs_offline(example, wordpiece_cache, tmp_path):
     module = __import__(example)
-    argv = TINY_TEXT + ["--cache-dir", wordpiece_cache, "--variants", "plain,mat,rand"]
+    # MAT only: each variant compiles its own steps (tens of seconds on JAX); the harness test
+    # runs all four variants.
+    argv = TINY_TEXT + ["--cache-dir", wordpiece_cache, "--variants", "mat"]
     argv += ["--out-dir", str(tmp_path)]
     results = module.main(argv)
-    assert list(results) == ["plain", "mat", "rand"]
+    assert list(results) == ["mat"]
     for r in results.values():
         assert len(r["epochs"]) == 2 and np.isfinite(r["final"]) and 0 < r["final"] < 10  # ln(300) = 5.7
         assert r["train_flops"] > 0
