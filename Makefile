@@ -7,7 +7,7 @@ BACKENDS ?= jax tensorflow torch
 DATA_DIR ?= ../shared/data
 DEMO_BACKEND ?= jax
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo tour test lint format clean
 
 $(BIN)/.keras_mat_installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,14 @@ $(BIN)/.keras_mat_installed: pyproject.toml
 
 install: $(BIN)/.keras_mat_installed
 
+# Short versions of the BERT / WikiText-2 and VGG / CIFAR-10 comparisons (plain, MAT, Rand,
+# Multirate), offline from $(DATA_DIR); each prints its results table.
 demo: install
+	KERAS_BACKEND=$${KERAS_BACKEND:-$(DEMO_BACKEND)} $(BIN)/python examples/bert_wikitext2.py --preset demo --data-dir $(DATA_DIR) --out-dir results/demo/bert
+	KERAS_BACKEND=$${KERAS_BACKEND:-$(DEMO_BACKEND)} $(BIN)/python examples/vgg_cifar10.py --preset demo --data-dir $(DATA_DIR) --out-dir results/demo/vgg
+
+# A one-model tour (Fashion-MNIST conv + attention): lambda_max per head, masks, stopped modules.
+tour: install
 	KERAS_BACKEND=$${KERAS_BACKEND:-$(DEMO_BACKEND)} $(BIN)/python examples/demo.py --data-dir $(DATA_DIR)
 
 # The suite runs once per Keras backend; every backend runs even if one fails.
