@@ -45,7 +45,7 @@ def parse_args():
 
 def run(args, skip):
     import keras
-    from step_time import bert
+    from step_time import _Timer, bert
 
     import keras_mat
 
@@ -59,19 +59,7 @@ def run(args, skip):
     model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     opt.skip_gradients = skip
 
-    class Timer(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.times = []
-
-        def on_train_batch_begin(self, batch, logs=None):
-            self.t = time.perf_counter()
-
-        def on_train_batch_end(self, batch, logs=None):
-            float(logs["loss"])  # wait for the step
-            self.times.append(time.perf_counter() - self.t)
-
-    timer = Timer()
+    timer = _Timer().cb
     t0 = time.perf_counter()
     hist = model.fit(
         x,

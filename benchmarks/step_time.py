@@ -101,6 +101,7 @@ class _Timer:
                 cb.t = time.perf_counter()
 
             def on_train_batch_end(cb, batch, logs=None):
+                float(logs["loss"])  # wait for the step (JAX dispatches asynchronously)
                 cb.times.append(time.perf_counter() - cb.t)
 
         self.cb = CB()
