@@ -10,6 +10,11 @@ in one process, its ratio to the all-trained step, and the analytic FLOPs
 ratio from `keras_mat.flops`.
 
     KERAS_BACKEND=jax python benchmarks/step_time.py --models bert,vgg --rounds 3
+    # VGG steps are ~25x cheaper than BERT's: time more of them, in their own file
+    KERAS_BACKEND=jax python benchmarks/step_time.py --models vgg --steps 30 \
+        --out benchmarks/results/step_time_jax_vgg.json
+
+`benchmarks/make_step_time_table.py` merges the files into step_time.md.
 """
 
 import argparse
@@ -165,9 +170,10 @@ def run_model(name, args):
         fl = flops.step_flops(report, masks, frozen_prefix="auto", granularity="family")
         if base is None:
             base = med
+        label = name if name != "vgg" or args.vgg_width == 32 else f"vgg_w{args.vgg_width}"
         out.append(
             {
-                "model": name,
+                "model": label,
                 "frozen_fraction": frac,
                 "bottom_frozen": with_bottom,
                 "frozen_families": len(off),

@@ -55,7 +55,7 @@ import numpy as np
 
 import keras_mat
 from keras_mat import flops as flops_lib
-from keras_mat.training import find_mat_optimizer
+from keras_mat.training import find_mat_optimizer, step_cache_info
 
 VARIANTS = ("plain", "mat", "rand", "multirate")
 
@@ -327,7 +327,10 @@ def compare(
         FLOPs, wall-clock, logs), `final`, `best`, `at_equal_flops`,
         `flops_to_target`, `wall_to_target` (and ratios to plain),
         `train_flops`, `total_flops`, `wall_s`; MAT-driven variants add
-        `final_active` (family -> list of 0/1 of the last step's masks).
+        `final_active` (family -> list of 0/1 of the last step's masks),
+        `step_variants` (compiled step variants, one per distinct set of
+        fully-off variables) and `skip_set_changes` (how often that set
+        changed between measurements).
 
     Raises:
         ValueError: on an unknown or repeated variant, a "rand" without
@@ -439,6 +442,12 @@ def compare(
                 model.jax_state_sync()
             opt = find_mat_optimizer(model.optimizer)
             record["final_active"] = {k: v.astype(int).tolist() for k, v in opt.masks.items()}
+            info = step_cache_info(model)
+            # Compiled step variants (one per distinct set of fully-off variables) and how
+            # often that set changed: each change costs a compile on JAX and TensorFlow.
+            record["step_variants"] = int(info["num_compiles"])
+            history = [tuple(s) for _, s in info["skip_history"]]
+            record["skip_set_changes"] = sum(a != b for a, b in zip(history, history[1:]))
         records[name] = record
     _summarize(records, mode)
     table = results_table(records, metric, mode)

@@ -17,7 +17,8 @@ horizontal flip and a random translation of up to 4 pixels, active only in
 training). `keras_mat.annotate` makes every conv filter a module (per-layer
 threshold scope, the default for filters) and the classifier a whole-layer
 module. `--ablation` also runs MAT with `ntk_output` "logits", "sum" and
-"loss" and compares the modules each one chooses.
+"loss" and compares the modules each one chooses (the comparison's own MAT
+run stands for its `--ntk-output`).
 
 Runs unchanged under KERAS_BACKEND=jax, tensorflow or torch.
 """
@@ -379,6 +380,9 @@ def main(argv=None):
     if args.ablation:
         runs = {}
         for mode in NTK_OUTPUTS:
+            if mode == args.ntk_output and "mat" in results:
+                runs[mode] = results["mat"]  # the comparison's MAT run: not trained again
+                continue
             out = os.path.join(args.out_dir, f"ablation_{mode}")
             runs[mode] = compare(
                 build_model,

@@ -15,6 +15,7 @@ accumulation, fused torch kernels, loss scaling, clipping).
 from __future__ import annotations
 
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -375,6 +376,14 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
             else:
                 inner_plan.append(plan_for(v, owner))
         self._inner_plan = inner_plan
+        # Which trainable variable each inner variable belongs to (None: the
+        # inner optimizer's own, e.g. `iterations`): a variable that gets no
+        # gradient this step leaves its slots untouched, so neither needs a
+        # snapshot nor a blend.
+        index = {id(v): k for k, v in enumerate(var_list)}
+        self._inner_owner = [
+            index.get(id(slot_owner[id(v)])) if id(v) in slot_owner else None for v in inner_vars
+        ]
 
         self.families = list(families)
         self._family_sizes = [g.num_modules for g in families]
@@ -456,7 +465,21 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
             out.append(g * ops.cast(scale, g.dtype))
         return out
 
+    def _live(self, live_t):
+        # Inner variables the inner apply may change: slots of variables with
+        # a gradient, and the inner optimizer's own variables.
+        return [True if k is None else live_t[k] for k in self._inner_owner]
+
     def apply(self, grads, trainable_variables=None):
+        """Applies `grads` to `trainable_variables` (default: all the variables
+        the optimizer was built with), keeping masked modules bit for bit.
+
+        Variables may be a subset of the built ones, in any order: the MAT
+        training step passes only the variables it differentiated, so a
+        fully masked variable costs no optimizer work at all (no update, no
+        snapshot, its slots untouched). A `None` gradient skips its variable
+        the same way (the inner optimizer's usual warning included).
+        """
         # Build first (TensorFlow builds lazily inside the first apply).
         if not self.built:
             with keras_backend.name_scope(self.name, caller=self):
@@ -465,19 +488,42 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         if not self.families:
             self.inner_optimizer.apply(grads, trainable_variables)
             return
+        tvars = self._trainable_variables
+        grads = list(grads)
+        if trainable_variables is None:
+            given = list(range(len(tvars)))
+            trainable_variables = tvars
+        else:
+            trainable_variables = list(trainable_variables)
+            given = [self._get_variable_index(v) for v in trainable_variables]
+        if len(grads) != len(given):
+            raise ValueError(
+                "`grads` and `trainable_variables` must have the same length. Received: "
+                f"len(grads)={len(grads)}, len(trainable_variables)={len(given)}"
+            )
+        full = [None] * len(tvars)
+        for k, g in zip(given, grads):
+            full[k] = g
+        live_t = [g is not None for g in full]
+        live_i = self._live(live_t)
         keep = self._keep_from_values(
             [s["mask"].value for s in self._state_list], [s["frozen"].value for s in self._state_list]
         )
-        tvars = self._trainable_variables
         ivars = self.inner_optimizer.variables
         # Snapshot (a real copy: torch fused optimizers update in place).
-        old_t = [None if p is None else ops.copy(v.value) for p, v in zip(self._trainable_plan, tvars)]
-        old_i = [None if p is None else ops.copy(v.value) for p, v in zip(self._inner_plan, ivars)]
-        grads = self._scale_gradients(list(grads), [s["mask"].value for s in self._state_list])
-        self.inner_optimizer.apply(grads, trainable_variables)
+        old_t = [
+            None if p is None or not lv else ops.copy(v.value)
+            for p, v, lv in zip(self._trainable_plan, tvars, live_t)
+        ]
+        old_i = [
+            None if p is None or not lv else ops.copy(v.value)
+            for p, v, lv in zip(self._inner_plan, ivars, live_i)
+        ]
+        full = self._scale_gradients(full, [s["mask"].value for s in self._state_list])
+        self.inner_optimizer.apply([full[k] for k in given], trainable_variables)
         for plan, variables, olds in ((self._trainable_plan, tvars, old_t), (self._inner_plan, ivars, old_i)):
             for p, v, old in zip(plan, variables, olds):
-                if p is None:
+                if p is None or old is None:
                     continue
                 i, axis = p
                 new = v.value
@@ -506,14 +552,25 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
             position = {id(v): k for k, v in enumerate(self._variables)}
             masks = [own_values[position[id(s["mask"])]] for s in self._state_list]
             grads = self._scale_gradients(list(grads), masks)
-        new_t, new_i = self.inner_optimizer.stateless_apply(inner_values, grads, trainable_variables)
+        grads = list(grads)
+        live_t = [g is not None for g in grads]
+        if any(live_t) and not all(live_t):
+            # `None`: a variable the MAT step did not differentiate (all its
+            # modules off). The inner apply leaves it and its slots as they are.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Gradients do not exist for variables")
+                new_t, new_i = self.inner_optimizer.stateless_apply(inner_values, grads, trainable_variables)
+        else:
+            new_t, new_i = self.inner_optimizer.stateless_apply(inner_values, grads, trainable_variables)
         if self.families:
             frozen = [own_values[position[id(s["frozen"])]] for s in self._state_list]
             keep = self._keep_from_values(
                 [ops.convert_to_tensor(m) for m in masks], [ops.convert_to_tensor(f) for f in frozen]
             )
-            new_t = self._blend(keep, self._trainable_plan, new_t, trainable_variables)
-            new_i = self._blend(keep, self._inner_plan, new_i, inner_values)
+            plan_t = [p if lv else None for p, lv in zip(self._trainable_plan, live_t)]
+            plan_i = [p if lv else None for p, lv in zip(self._inner_plan, self._live(live_t))]
+            new_t = self._blend(keep, plan_t, new_t, trainable_variables)
+            new_i = self._blend(keep, plan_i, new_i, inner_values)
         # Values may be Variables when a LossScaleOptimizer nests the wrapper
         # (it passes `inner_optimizer.variables` inside its StatelessScope).
         own_values = [ops.convert_to_tensor(x) for x in own_values]

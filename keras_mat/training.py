@@ -489,10 +489,15 @@ def _torch_train_step(self, data):
 
 
 def _full_gradients(weights, skip, active_grads, zeros_like):
-    """Gradients for every trainable variable: the computed ones in order,
-    zeros for the skipped (fully masked, so the optimizer restores them)."""
+    """Gradients for every trainable variable (JAX's `stateless_apply` takes
+    them all): the computed ones in order, `None` for the skipped, which the
+    MAT optimizer then leaves out of the update (no optimizer work for a
+    fully masked variable). Zeros for all if every variable is skipped (the
+    inner optimizer needs at least one gradient; the masks restore them)."""
+    if len(skip) >= len(weights):
+        return [zeros_like(w) for w in weights]
     active = iter(active_grads)
-    return [zeros_like(w) if i in skip else next(active) for i, w in enumerate(weights)]
+    return [None if i in skip else next(active) for i in range(len(weights))]
 
 
 def _forward_and_loss(self, x, y, sample_weight, batch_size, unscale=lambda loss: loss):
@@ -548,8 +553,13 @@ def _tf_skipping_step(self, data, skip):
         y_pred, loss = _forward_and_loss(
             self, x, y, sample_weight, batch_size, loss_module.unscale_loss_for_distribution
         )
-    grads = _full_gradients(weights, skip, tape.gradient(loss, active), lambda w: tf.zeros_like(w.value))
-    self.optimizer.apply(grads, weights)
+    # Only the differentiated variables go to the optimizer: a skipped one
+    # costs no update either (the MAT optimizer takes a subset).
+    grads = tape.gradient(loss, active) if active else []
+    live = [w for i, w in enumerate(weights) if i not in skip]
+    if not live:  # everything off: zeros, so the step still counts (the masks restore them)
+        grads, live = [tf.zeros_like(w.value) for w in weights], weights
+    self.optimizer.apply(grads, live)
     return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
 
@@ -571,16 +581,12 @@ def _torch_skipping_step(self, data, skip):
     finally:
         for p in skipped:
             p.requires_grad_(True)
-    grads = _full_gradients(
-        weights,
-        skip,
-        [w.value.grad for i, w in enumerate(weights) if i not in skip],
-        lambda w: torch.zeros_like(w.value),
-    )
-    # An active variable the loss does not reach has no .grad (as in Keras's step).
-    grads = [torch.zeros_like(w.value) if g is None else g for g, w in zip(grads, weights)]
+    active = [w for i, w in enumerate(weights) if i not in skip] or weights  # all off: zeros, step counts
+    # An active variable the loss does not reach has no .grad (zeros, as in Keras's step).
+    grads = [torch.zeros_like(w.value) if w.value.grad is None else w.value.grad for w in active]
     with torch.no_grad():
-        self.optimizer.apply(grads, weights)
+        # Only the differentiated variables: a skipped one costs no update either.
+        self.optimizer.apply(grads, active)
     return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
 

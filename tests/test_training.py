@@ -353,3 +353,65 @@ def test_within_variable_mask_changes_reuse_one_compiled_step():
     # computes every head's (no variable was fully off), and says so.
     logs = hist.history
     assert logs["mat_executed_flops"][-1] > logs["mat_total_flops"][-1] > logs["mat_train_flops"][-1] > 0
+
+
+class _CountingAdam(keras.optimizers.Adam):
+    """Adam that records which variables each update touched (per call on
+    torch, per trace on JAX and TF: what the compiled step updates)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.updated = []
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        self.updated.append({v.path for v in trainable_variables})
+        return super()._backend_update_step(grads, trainable_variables, learning_rate)
+
+
+def test_skipped_variables_cost_no_optimizer_update():
+    # A variable whose modules are all off is left out of the optimizer's
+    # update altogether (no Adam work, no snapshot), and its slots stay put.
+    from keras_mat.training import step_cache_info
+
+    m = models.set_weights_deterministic(keras_mat.annotate(models.mlp(inputs=6, hidden=16)))
+    inner = _CountingAdam(1e-2, name="counting_adam")
+    m.compile(
+        optimizer=wrap(inner, alpha=0.9, beta=1e-6, probe_every=3, probe_samples=4, warmup=1),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x, y = _data(m, n=48)
+
+    class Slots(keras.callbacks.Callback):
+        def __init__(cb):
+            super().__init__()
+            cb.values = []
+
+        def on_train_batch_end(cb, batch, logs=None):
+            _sync(m)
+            cb.values.append({v.path: np.array(keras.ops.convert_to_numpy(v.value)) for v in inner.variables})
+
+    slots, snaps = Slots(), _Snapshots()
+    m.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False, callbacks=[snaps, slots])
+    info = step_cache_info(m)
+    tv = m.trainable_variables
+    skipped_paths = {tv[i].path for _, s in info["skip_history"] for i in s}
+    assert skipped_paths, f"no variable was ever skipped: {info}"
+    everything = {v.path for v in tv}
+    partial = [u for u in inner.updated if u != everything]
+    assert partial, f"every update touched every variable: {inner.updated}"
+    for u in partial:  # only fully-off variables are ever left out
+        assert everything - u <= skipped_paths, (everything - u, skipped_paths)
+    # A skipped variable's slots (Adam's m and v) do not move while it is skipped.
+    _check_masked_modules_unchanged(m, snaps)
+    checked = 0
+    for t in range(1, len(slots.values)):
+        off = [g for g in keras_mat.get_groups(m) if not snaps.active[t][g.name].any()]
+        for g in off:
+            for v in g.variables:
+                # Keras names a slot "<variable path with _>_<slot>" (e.g. dense_kernel_momentum).
+                prefix = v.path.replace("/", "_") + "_"
+                for path, before in slots.values[t - 1].items():
+                    if path.rsplit("/", 1)[-1].startswith(prefix):
+                        np.testing.assert_array_equal(before, slots.values[t][path], err_msg=path)
+                        checked += 1
+    assert checked > 0, "no slot of a skipped variable was checked"

@@ -1,0 +1,132 @@
+"""One table for a sweep of MAT settings against one plain run.
+
+Each sweep point is an example run with `--variants mat` (or `mat,rand`) and
+the same data, model, seed and schedule as a full comparison whose
+`results.json` holds the plain run. This script puts every point's MAT (and
+Rand) record beside that plain record and scores them as `examples/common.py`
+scores a comparison: final and best validation metric, metric at the plain
+run's FLOPs budget, training FLOPs and wall-clock to reach the plain run's
+best, and the mean fraction of modules MAT updated.
+
+    python benchmarks/sweep_table.py --reference results/full/vgg/results.json \\
+        --point "alpha 0.3 (comparison)=results/full/vgg" --point "alpha 0.1=results/sweep/vgg_alpha0.1" \\
+        --out benchmarks/results/sweep_vgg.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+
+import common  # noqa: E402  (examples/common.py)
+
+
+def _load(path):
+    if os.path.isdir(path):
+        path = os.path.join(path, "results.json")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _mean_active(record):
+    values = [e["logs"].get("mat_active") for e in record["epochs"]]
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(values) / len(values) if values else None
+
+
+def sweep_rows(reference, points):
+    """`reference`: a comparison's results dict; `points`: [(label, results dict)].
+
+    Returns a list of row dicts (label, variant and the scored record)."""
+    plain = copy.deepcopy(reference["records"]["plain"])
+    mode = reference["mode"]
+    rows = []
+    for label, data in [("plain", {"records": {"plain": plain}})] + list(points):
+        for variant, record in data["records"].items():
+            if variant == "plain" and label != "plain":
+                continue
+            records = {"plain": copy.deepcopy(plain), variant: copy.deepcopy(record)}
+            if variant == "plain":
+                records = {"plain": copy.deepcopy(plain)}
+            common._summarize(records, mode)
+            scored = records[variant]
+            rows.append({"label": label, "variant": variant, "record": scored, "mode": mode})
+    return rows
+
+
+def markdown(rows, metric):
+    fmt = common._fmt_metric
+    lines = [
+        f"| setting | variant | final {metric} | best {metric} | {metric} at plain's FLOPs | "
+        "train FLOPs to plain best | wall-clock to plain best | train FLOPs | FLOPs with probes | "
+        "mean active fraction | train wall-clock |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    plain_flops = rows[0]["record"]["epochs"][-1]["train_flops"]
+    plain_best = rows[0]["record"]["best"]
+    for row in rows:
+        r = row["record"]
+        xs = [e["train_flops"] for e in r["epochs"]]
+        ys = [e["metric"] for e in r["epochs"]]
+        at_plain = ys[-1] if xs[-1] <= plain_flops else _interp(plain_flops, xs, ys)
+        if r["flops_to_target"] is None:
+            reach_f = reach_t = "not reached"
+        else:
+            reach_f = f"{r['flops_to_target'] / 1e12:.3f} T ({r['flops_ratio_to_target']:.2f}x)"
+            reach_t = f"{r['wall_to_target']:.0f} s ({r['wall_ratio_to_target']:.2f}x)"
+        last = r["epochs"][-1]
+        active = _mean_active(r)
+        lines.append(
+            f"| {row['label']} | {row['variant']} | {fmt(r['final'])} | {fmt(r['best'])} | {fmt(at_plain)} | "
+            f"{reach_f} | {reach_t} | {last['train_flops'] / 1e12:.3f} T | {last['total_flops'] / 1e12:.3f} T | "
+            f"{'1.00' if row['variant'] == 'plain' else ('n/a' if active is None else f'{active:.2f}')} | "
+            f"{last['wall_s']:.0f} s |"
+        )
+    note = (
+        f"'to plain best' ratios are to the plain run's own FLOPs and wall-clock at its best evaluation "
+        f"(plain best = {fmt(plain_best)}). "
+        "'at plain's FLOPs' is the metric at the plain run's total FLOPs budget (the run's last value when "
+        "it ends below that budget)."
+    )
+    return "\n".join(lines) + "\n\n" + note
+
+
+def _interp(x, xs, ys):
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if x0 <= x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / max(x1 - x0, 1e-30)
+    return ys[-1]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reference", required=True, help="results.json (or its folder) of a full comparison")
+    p.add_argument("--point", action="append", default=[], help="LABEL=results folder or json (repeat)")
+    p.add_argument("--title", default="")
+    p.add_argument("--out", default=None, help="markdown file to write")
+    args = p.parse_args(argv)
+    reference = _load(args.reference)
+    points = []
+    for item in args.point:
+        if "=" not in item:
+            p.error(f"--point must be LABEL=PATH. Received: --point={item!r}")
+        label, path = item.split("=", 1)
+        points.append((label, _load(path)))
+    rows = sweep_rows(reference, points)
+    text = (f"### {args.title}\n\n" if args.title else "") + markdown(rows, reference["metric"])
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
