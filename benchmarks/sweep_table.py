@@ -63,18 +63,19 @@ def sweep_rows(reference, points):
 def markdown(rows, metric):
     fmt = common._fmt_metric
     lines = [
-        f"| setting | variant | final {metric} | best {metric} | {metric} at plain's FLOPs | "
+        f"| setting | variant | final {metric} | best {metric} | plain's {metric} at the same FLOPs | "
         "train FLOPs to plain best | wall-clock to plain best | train FLOPs | FLOPs with probes | "
         "mean active fraction | train wall-clock |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    plain_flops = rows[0]["record"]["epochs"][-1]["train_flops"]
+    plain = rows[0]["record"]["epochs"]
     plain_best = rows[0]["record"]["best"]
     for row in rows:
         r = row["record"]
-        xs = [e["train_flops"] for e in r["epochs"]]
-        ys = [e["metric"] for e in r["epochs"]]
-        at_plain = ys[-1] if xs[-1] <= plain_flops else _interp(plain_flops, xs, ys)
+        # What plain training had reached with this run's training FLOPs.
+        at_plain = _interp(
+            r["epochs"][-1]["train_flops"], [e["train_flops"] for e in plain], [e["metric"] for e in plain]
+        )
         if r["flops_to_target"] is None:
             reach_f = reach_t = "not reached"
         else:
@@ -91,13 +92,15 @@ def markdown(rows, metric):
     note = (
         f"'to plain best' ratios are to the plain run's own FLOPs and wall-clock at its best evaluation "
         f"(plain best = {fmt(plain_best)}). "
-        "'at plain's FLOPs' is the metric at the plain run's total FLOPs budget (the run's last value when "
-        "it ends below that budget)."
+        "'plain's ... at the same FLOPs' interpolates the plain run's curve at this run's final training "
+        "FLOPs (compare with 'final')."
     )
     return "\n".join(lines) + "\n\n" + note
 
 
 def _interp(x, xs, ys):
+    if x < xs[0]:
+        return float("nan")  # before the plain run's first evaluation
     for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
         if x0 <= x <= x1:
             return y0 + (y1 - y0) * (x - x0) / max(x1 - x0, 1e-30)

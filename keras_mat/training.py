@@ -681,6 +681,7 @@ class _Dispatcher:
         self._written = masks
         if getattr(rt.mat, "skip_gradients", True):
             rt.next_skip = rt.skip_from_masks(masks, self._frozen)
+            rt.skip_history.append((rt.step, rt.next_skip))  # as after a measurement
         rt.active_np = [(np.asarray(m) > 0.5) * (1.0 - np.asarray(z)) for m, z in zip(masks, self._frozen)]
         return args
 
@@ -729,7 +730,8 @@ def step_cache_info(model):
         A dict: `num_compiles` (compiled step variants built, one per distinct
         skip set; 0 on torch's eager step would still count variants),
         `cached` (skip sets currently cached), `skip_history` (list of
-        `(step, skipped trainable-variable indices)` after each measurement),
+        `(step, skipped trainable-variable indices)` after each measurement,
+        or each change of a mask schedule's masks),
         `traces` (skip set -> number of times its step was traced on JAX/TF,
         or run on torch).
     """

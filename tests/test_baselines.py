@@ -131,6 +131,13 @@ def test_rand_fit_follows_schedule_masked_modules_stay_and_flops_follow():
     assert trace.logs[7]["mat_train_flops"] < 8 * flops.step_flops(report, None, frozen_prefix="auto") * BATCH
     assert int(keras.ops.convert_to_numpy(opt.num_measurements.value)) == 0
     assert all(np.all(v == 0) for v in opt.lambda_max.values())
+    # Each change of the schedule's masks is recorded with the skip set it implies
+    # (every=2: masks change at steps 0, 2, 4, 6; the fraction-1.0 family is never off).
+    from keras_mat.training import step_cache_info
+
+    history = step_cache_info(model)["skip_history"]
+    assert [step for step, _ in history] == [0, 2, 4, 6], history
+    assert all(isinstance(skip, tuple) for _, skip in history)
 
 
 def test_multirate_fast_every_step_slow_every_k_steps():
