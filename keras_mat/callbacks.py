@@ -173,11 +173,16 @@ def _load_rows(source):
     )
 
 
+_MAX_ROWS_LABELLED = 80
+
+
 def plot_lambda(source, path="lambda_max.png", title=None, log_scale=True):
     """Heatmap of lambda_max per module (rows) over measurements (columns).
 
     Masked (not updated) cells are marked with a dot, permanently frozen ones
-    with an x.
+    with an x. Up to 80 modules every row is labelled; with more (e.g. the
+    filters of a CNN) the figure keeps a readable height, each family is
+    labelled once (with its module count) and separated by a line.
 
     Args:
         source: A `MATLogger`, the path of its CSV, or a list of its rows.
@@ -194,6 +199,7 @@ def plot_lambda(source, path="lambda_max.png", title=None, log_scale=True):
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.patches  # noqa: F401  (legend patches of the compact view)
     import matplotlib.pyplot as plt
 
     rows = _load_rows(source)
@@ -211,21 +217,56 @@ def plot_lambda(source, path="lambda_max.png", title=None, log_scale=True):
         lam[i, j] = r["lambda_max"]
         active[i, j] = bool(r["active"])
         frozen[i, j] = bool(r["frozen"])
-    shown = np.log10(np.maximum(lam, 1e-30)) if log_scale else lam
-    fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(steps) + 3), max(3, 0.22 * len(modules) + 1.5)))
-    im = ax.imshow(shown, aspect="auto", interpolation="nearest", cmap="viridis")
-    fig.colorbar(im, ax=ax, label="log10 lambda_max" if log_scale else "lambda_max")
-    yy, xx = np.nonzero(~active & ~frozen)
-    ax.scatter(xx, yy, s=8, c="white", marker="o", label="masked")
-    yy, xx = np.nonzero(frozen)
-    ax.scatter(xx, yy, s=14, c="red", marker="x", label="frozen")
-    ax.set_yticks(range(len(modules)))
-    ax.set_yticklabels([f"{f}[{m}]" for f, m in modules], fontsize=6)
+    n = len(modules)
+    # One labelled row per module up to `_MAX_ROWS_LABELLED` modules; beyond that the figure
+    # stops growing (at most 16 inches), rows are labelled per family, and masked / frozen
+    # cells are shaded instead of marked.
+    compact = n > _MAX_ROWS_LABELLED
+    height = min(16.0, 0.22 * n + 1.5) if compact else max(3, 0.22 * n + 1.5)
+    fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(steps) + 3), height))
+    # lambda_max = 0 (e.g. a dead ReLU filter) is drawn black, outside the colour scale.
+    positive = lam > 0
+    if log_scale:
+        shown = np.ma.masked_where(~positive, np.log10(np.where(positive, lam, 1.0)))
+    else:
+        shown = np.ma.masked_invalid(lam)
+    cmap = matplotlib.colormaps["viridis"].copy()
+    cmap.set_bad("black")
+    im = ax.imshow(shown, aspect="auto", interpolation="nearest", cmap=cmap)
+    label = "log10 lambda_max" if log_scale else "lambda_max"
+    fig.colorbar(im, ax=ax, label=label + (" (black: 0)" if np.any(~positive & np.isfinite(lam)) else ""))
+    masked, stopped = ~active & ~frozen, frozen
+    if compact:
+        overlay = np.zeros(lam.shape + (4,))
+        overlay[masked] = (1.0, 1.0, 1.0, 0.55)
+        overlay[stopped] = (1.0, 0.0, 0.0, 0.6)
+        ax.imshow(overlay, aspect="auto", interpolation="nearest")
+        handles = [
+            matplotlib.patches.Patch(color=(1, 1, 1, 0.55), label="masked (shaded)"),
+            matplotlib.patches.Patch(color=(1, 0, 0, 0.6), label="frozen"),
+        ]
+        ax.legend(handles=handles, loc="upper right", fontsize=6)
+    else:
+        yy, xx = np.nonzero(masked)
+        ax.scatter(xx, yy, s=8, c="white", marker="o", label="masked")
+        yy, xx = np.nonzero(stopped)
+        ax.scatter(xx, yy, s=14, c="red", marker="x", label="frozen")
+        ax.legend(loc="upper right", fontsize=6)
+    if compact:
+        starts = [i for i, (f, _) in enumerate(modules) if i == 0 or modules[i - 1][0] != f]
+        for i in starts[1:]:
+            ax.axhline(i - 0.5, color="white", lw=0.6)
+        ax.set_yticks(starts)
+        ax.set_yticklabels(
+            [f"{modules[i][0]} ({sum(f == modules[i][0] for f, _ in modules)})" for i in starts]
+        )
+    else:
+        ax.set_yticks(range(n))
+        ax.set_yticklabels([f"{f}[{m}]" for f, m in modules], fontsize=6)
     ax.set_xticks(range(len(steps)))
     ax.set_xticklabels([str(s) for s in steps], rotation=90, fontsize=6)
     ax.set_xlabel("training step of the measurement")
     ax.set_title(title or "MAT: lambda_max per module")
-    ax.legend(loc="upper right", fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -415,3 +415,30 @@ def test_skipped_variables_cost_no_optimizer_update():
                         np.testing.assert_array_equal(before, slots.values[t][path], err_msg=path)
                         checked += 1
     assert checked > 0, "no slot of a skipped variable was checked"
+
+
+def test_plot_lambda_many_modules_stays_readable(tmp_path):
+    # Hundreds of filter modules: the figure height is capped, lambda = 0 is allowed
+    # (dead filters), and masked / frozen cells are shaded rather than marked.
+    import matplotlib.image
+
+    rows = []
+    for step in (0, 10, 20):
+        for f, size in (("conv1/filters", 150), ("conv2/filters", 250)):
+            for m in range(size):
+                rows.append(
+                    dict(
+                        step=step,
+                        measurement=step // 10,
+                        family=f,
+                        module=m,
+                        lambda_max=0.0 if m == 3 else float(m + 1),
+                        active=int(m % 3 == 0),
+                        frozen=int(m % 7 == 0 and step == 20),
+                    )
+                )
+    png = plot_lambda(rows, str(tmp_path / "many.png"))
+    height, width = matplotlib.image.imread(png).shape[:2]
+    assert height <= 16 * 120 and width > 0  # 16 inches at 120 dpi, not 0.22 in per module
+    with pytest.raises(ValueError, match="no measurement"):
+        plot_lambda([], str(tmp_path / "none.png"))
