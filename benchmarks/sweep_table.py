@@ -93,14 +93,14 @@ def markdown(rows, metric):
         f"'to plain best' ratios are to the plain run's own FLOPs and wall-clock at its best evaluation "
         f"(plain best = {fmt(plain_best)}). "
         "'plain's ... at the same FLOPs' interpolates the plain run's curve at this run's final training "
-        "FLOPs (compare with 'final')."
+        "FLOPs (compare with 'final'; n/a beyond the plain run's budget)."
     )
     return "\n".join(lines) + "\n\n" + note
 
 
 def _interp(x, xs, ys):
-    if x < xs[0]:
-        return float("nan")  # before the plain run's first evaluation
+    if x < xs[0] or x > xs[-1] * (1 + 1e-9):
+        return float("nan")  # outside the plain run's evaluations: n/a
     for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
         if x0 <= x <= x1:
             return y0 + (y1 - y0) * (x - x0) / max(x1 - x0, 1e-30)
