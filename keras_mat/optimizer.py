@@ -465,6 +465,18 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
             out.append(g * ops.cast(scale, g.dtype))
         return out
 
+    def _touches_every_variable(self):
+        # EMA (and its overwrite) and gradient accumulation act on *every*
+        # variable the optimizer was built with, whatever subset one apply
+        # gets: with them, a left-out variable must still go through the
+        # snapshot / blend, so it gets a zero gradient as before.
+        opt = self.inner_optimizer
+        while opt is not None:
+            if getattr(opt, "use_ema", False) or getattr(opt, "gradient_accumulation_steps", None):
+                return True
+            opt = getattr(opt, "inner_optimizer", None)
+        return False
+
     def _live(self, live_t):
         # Inner variables the inner apply may change: slots of variables with
         # a gradient, and the inner optimizer's own variables.
@@ -478,7 +490,10 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         training step passes only the variables it differentiated, so a
         fully masked variable costs no optimizer work at all (no update, no
         snapshot, its slots untouched). A `None` gradient skips its variable
-        the same way (the inner optimizer's usual warning included).
+        the same way (the inner optimizer's usual warning included). Inner
+        optimizers with EMA or gradient accumulation touch every variable on
+        every apply; with them, a left-out variable gets a zero gradient and
+        the usual masked update instead.
         """
         # Build first (TensorFlow builds lazily inside the first apply).
         if not self.built:
@@ -504,6 +519,9 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         full = [None] * len(tvars)
         for k, g in zip(given, grads):
             full[k] = g
+        if self._touches_every_variable():
+            full = [ops.zeros_like(v.value) if g is None else g for g, v in zip(full, tvars)]
+            given, trainable_variables = list(range(len(tvars))), tvars
         live_t = [g is not None for g in full]
         live_i = self._live(live_t)
         keep = self._keep_from_values(
@@ -553,6 +571,8 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
             masks = [own_values[position[id(s["mask"])]] for s in self._state_list]
             grads = self._scale_gradients(list(grads), masks)
         grads = list(grads)
+        if self._touches_every_variable():
+            grads = [ops.zeros_like(t) if g is None else g for g, t in zip(grads, trainable_variables)]
         live_t = [g is not None for g in grads]
         if any(live_t) and not all(live_t):
             # `None`: a variable the MAT step did not differentiate (all its
