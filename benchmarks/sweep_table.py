@@ -22,6 +22,8 @@ import math
 import os
 import sys
 
+import numpy as np
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 
 import common  # noqa: E402  (examples/common.py)
@@ -43,20 +45,23 @@ def _mean_active(record):
 def sweep_rows(reference, points):
     """`reference`: a comparison's results dict; `points`: [(label, results dict)].
 
-    Returns a list of row dicts (label, variant and the scored record)."""
-    plain = copy.deepcopy(reference["records"]["plain"])
+    Returns a list of row dicts (label, variant and the scored record): the
+    plain run first, then every non-plain record of every point, each scored
+    by `common._summarize` beside the plain run."""
     mode = reference["mode"]
+    entries = [("plain", "plain", None)] + [
+        (label, variant, record)
+        for label, data in points
+        for variant, record in data["records"].items()
+        if variant != "plain"
+    ]
     rows = []
-    for label, data in [("plain", {"records": {"plain": plain}})] + list(points):
-        for variant, record in data["records"].items():
-            if variant == "plain" and label != "plain":
-                continue
-            records = {"plain": copy.deepcopy(plain), variant: copy.deepcopy(record)}
-            if variant == "plain":
-                records = {"plain": copy.deepcopy(plain)}
-            common._summarize(records, mode)
-            scored = records[variant]
-            rows.append({"label": label, "variant": variant, "record": scored, "mode": mode})
+    for label, variant, record in entries:
+        records = {"plain": copy.deepcopy(reference["records"]["plain"])}
+        if record is not None:
+            records[variant] = copy.deepcopy(record)
+        common._summarize(records, mode)
+        rows.append({"label": label, "variant": variant, "record": records[variant], "mode": mode})
     return rows
 
 
@@ -99,12 +104,9 @@ def markdown(rows, metric):
 
 
 def _interp(x, xs, ys):
-    if x < xs[0] or x > xs[-1] * (1 + 1e-9):
+    if not xs[0] <= x <= xs[-1] * (1 + 1e-9):
         return float("nan")  # outside the plain run's evaluations: n/a
-    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
-        if x0 <= x <= x1:
-            return y0 + (y1 - y0) * (x - x0) / max(x1 - x0, 1e-30)
-    return ys[-1]
+    return float(np.interp(x, xs, ys))
 
 
 def main(argv=None):

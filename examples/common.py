@@ -446,7 +446,7 @@ def compare(
             # Compiled step variants (one per distinct set of fully-off variables) and how
             # often that set changed: each change costs a compile on JAX and TensorFlow.
             record["step_variants"] = int(info["num_compiles"])
-            history = [tuple(s) for _, s in info["skip_history"]]
+            history = [skip for _, skip in info["skip_history"]]
             record["skip_set_changes"] = sum(a != b for a, b in zip(history, history[1:]))
         records[name] = record
     _summarize(records, mode)

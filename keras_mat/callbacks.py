@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import collections
 import csv
 import os
 
@@ -254,12 +255,11 @@ def plot_lambda(source, path="lambda_max.png", title=None, log_scale=True):
         ax.legend(loc="upper right", fontsize=6)
     if compact:
         starts = [i for i, (f, _) in enumerate(modules) if i == 0 or modules[i - 1][0] != f]
+        sizes = collections.Counter(f for f, _ in modules)
         for i in starts[1:]:
             ax.axhline(i - 0.5, color="white", lw=0.6)
         ax.set_yticks(starts)
-        ax.set_yticklabels(
-            [f"{modules[i][0]} ({sum(f == modules[i][0] for f, _ in modules)})" for i in starts]
-        )
+        ax.set_yticklabels([f"{modules[i][0]} ({sizes[modules[i][0]]})" for i in starts])
     else:
         ax.set_yticks(range(n))
         ax.set_yticklabels([f"{f}[{m}]" for f, m in modules], fontsize=6)

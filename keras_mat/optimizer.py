@@ -362,7 +362,12 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         self._trainable_plan = [plan_for(v, v) for v in var_list]
         inner_vars = self.inner_optimizer.variables
         grouped_shapes = {tuple(v.shape) for v in var_list if groups_lib.group_of(v)[0] is not None}
-        inner_plan = []
+        index = {id(v): k for k, v in enumerate(var_list)}
+        # Per inner variable: its masking plan, and the index of the trainable
+        # variable it belongs to (None: the inner optimizer's own, e.g.
+        # `iterations`). A variable that gets no gradient in a step leaves its
+        # slots untouched, so they need neither a snapshot nor a blend.
+        inner_plan, inner_owner = [], []
         for v in inner_vars:
             owner = slot_owner.get(id(v))
             if owner is None:
@@ -373,17 +378,22 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
                         f"`add_variable_from_reference`. Received: variable={v.path!r}"
                     )
                 inner_plan.append(None)
+                inner_owner.append(None)
             else:
                 inner_plan.append(plan_for(v, owner))
+                inner_owner.append(index.get(id(owner)))
         self._inner_plan = inner_plan
-        # Which trainable variable each inner variable belongs to (None: the
-        # inner optimizer's own, e.g. `iterations`): a variable that gets no
-        # gradient this step leaves its slots untouched, so neither needs a
-        # snapshot nor a blend.
-        index = {id(v): k for k, v in enumerate(var_list)}
-        self._inner_owner = [
-            index.get(id(slot_owner[id(v)])) if id(v) in slot_owner else None for v in inner_vars
-        ]
+        self._inner_owner = inner_owner
+        # EMA (and its overwrite) and gradient accumulation act on *every*
+        # variable the inner optimizer was built with, whatever subset one
+        # apply gets: with them a left-out variable still needs the snapshot
+        # and blend, so it gets a zero gradient instead.
+        self._updates_every_variable = False
+        opt = self.inner_optimizer
+        while opt is not None:
+            if getattr(opt, "use_ema", False) or getattr(opt, "gradient_accumulation_steps", None):
+                self._updates_every_variable = True
+            opt = getattr(opt, "inner_optimizer", None)
 
         self.families = list(families)
         self._family_sizes = [g.num_modules for g in families]
@@ -465,18 +475,6 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
             out.append(g * ops.cast(scale, g.dtype))
         return out
 
-    def _touches_every_variable(self):
-        # EMA (and its overwrite) and gradient accumulation act on *every*
-        # variable the optimizer was built with, whatever subset one apply
-        # gets: with them, a left-out variable must still go through the
-        # snapshot / blend, so it gets a zero gradient as before.
-        opt = self.inner_optimizer
-        while opt is not None:
-            if getattr(opt, "use_ema", False) or getattr(opt, "gradient_accumulation_steps", None):
-                return True
-            opt = getattr(opt, "inner_optimizer", None)
-        return False
-
     def _live(self, live_t):
         # Inner variables the inner apply may change: slots of variables with
         # a gradient, and the inner optimizer's own variables.
@@ -519,7 +517,7 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         full = [None] * len(tvars)
         for k, g in zip(given, grads):
             full[k] = g
-        if self._touches_every_variable():
+        if self._updates_every_variable:
             full = [ops.zeros_like(v.value) if g is None else g for g, v in zip(full, tvars)]
             given, trainable_variables = list(range(len(tvars))), tvars
         live_t = [g is not None for g in full]
@@ -571,16 +569,14 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
             masks = [own_values[position[id(s["mask"])]] for s in self._state_list]
             grads = self._scale_gradients(list(grads), masks)
         grads = list(grads)
-        if self._touches_every_variable():
+        if self.families and self._updates_every_variable:
             grads = [ops.zeros_like(t) if g is None else g for g, t in zip(grads, trainable_variables)]
         live_t = [g is not None for g in grads]
-        if any(live_t) and not all(live_t):
-            # `None`: a variable the MAT step did not differentiate (all its
-            # modules off). The inner apply leaves it and its slots as they are.
-            with warnings.catch_warnings():
+        with warnings.catch_warnings():
+            if any(live_t) and not all(live_t):
+                # `None`: a variable the MAT step did not differentiate (all its modules
+                # off). The inner apply leaves it and its slots as they are, as it should.
                 warnings.filterwarnings("ignore", message="Gradients do not exist for variables")
-                new_t, new_i = self.inner_optimizer.stateless_apply(inner_values, grads, trainable_variables)
-        else:
             new_t, new_i = self.inner_optimizer.stateless_apply(inner_values, grads, trainable_variables)
         if self.families:
             frozen = [own_values[position[id(s["frozen"])]] for s in self._state_list]

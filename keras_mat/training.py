@@ -500,6 +500,16 @@ def _full_gradients(weights, skip, active_grads, zeros_like):
     return [None if i in skip else next(active) for i in range(len(weights))]
 
 
+def _differentiated(weights, skip):
+    """The variables a skipping step (TF, torch) differentiates and hands to
+    the optimizer, a subset of `weights`: a skipped one costs no weight
+    gradient and no update. All of them when every one is skipped, so that
+    the step still counts as an optimizer iteration (they then get zero
+    gradients, and the masks keep them as they are)."""
+    live = [w for i, w in enumerate(weights) if i not in skip]
+    return live or list(weights)
+
+
 def _forward_and_loss(self, x, y, sample_weight, batch_size, unscale=lambda loss: loss):
     # The loss part of Keras's TF and torch train steps, shared by our
     # skipping variants of both.
@@ -543,23 +553,22 @@ def _tf_skipping_step(self, data, skip):
 
     x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
     weights = self.trainable_weights
-    active = [w.value for i, w in enumerate(weights) if i not in skip]
-    # Only active variables are watched: nothing is recorded for the
+    live = _differentiated(weights, skip)
+    all_off = len(skip) >= len(weights)
+    # Only those variables are watched: nothing is recorded for the
     # backward pass of a frozen prefix, and no skipped dW is computed.
     with tf.GradientTape(watch_accessed_variables=False) as tape:
-        for v in active:
-            tape.watch(v)
+        for w in [] if all_off else live:
+            tape.watch(w.value)
         batch_size = tf.shape(next(i for i in tree.flatten(x) if i is not None))[0]
         y_pred, loss = _forward_and_loss(
             self, x, y, sample_weight, batch_size, loss_module.unscale_loss_for_distribution
         )
-    # Only the differentiated variables go to the optimizer: a skipped one
-    # costs no update either (the MAT optimizer takes a subset).
-    grads = tape.gradient(loss, active) if active else []
-    live = [w for i, w in enumerate(weights) if i not in skip]
-    if not live:  # everything off: zeros, so the step still counts (the masks restore them)
-        grads, live = [tf.zeros_like(w.value) for w in weights], weights
-    self.optimizer.apply(grads, live)
+    if all_off:
+        grads = [tf.zeros_like(w.value) for w in live]
+    else:  # a variable the loss does not reach keeps None (Keras's own step skips it too)
+        grads = tape.gradient(loss, [w.value for w in live])
+    self.optimizer.apply(grads, live)  # the MAT optimizer takes a subset
     return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
 
@@ -581,12 +590,12 @@ def _torch_skipping_step(self, data, skip):
     finally:
         for p in skipped:
             p.requires_grad_(True)
-    active = [w for i, w in enumerate(weights) if i not in skip] or weights  # all off: zeros, step counts
-    # An active variable the loss does not reach has no .grad (zeros, as in Keras's step).
-    grads = [torch.zeros_like(w.value) if w.value.grad is None else w.value.grad for w in active]
+    live = _differentiated(weights, skip)
+    # A variable the loss does not reach (or a skipped one, when all are) has no .grad: zeros,
+    # as in Keras's step.
+    grads = [torch.zeros_like(w.value) if w.value.grad is None else w.value.grad for w in live]
     with torch.no_grad():
-        # Only the differentiated variables: a skipped one costs no update either.
-        self.optimizer.apply(grads, active)
+        self.optimizer.apply(grads, live)  # the MAT optimizer takes a subset
     return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
 

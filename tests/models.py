@@ -141,3 +141,18 @@ def cross_attention():
     q, kv = keras.Input((3, 4)), keras.Input((5, 6))
     h = keras.layers.MultiHeadAttention(3, 2, name="xatt")(q, kv)
     return keras.Model([q, kv], keras.layers.Dense(2, name="fc")(keras.layers.Flatten()(h)), name="xatt")
+
+
+def slot_owners(inner, model):
+    """Independent (name-based) map from inner slot to model variable: Keras
+    names slots `<variable path with / -> _>_<slot name>`."""
+    owners = {}
+    prefixes = sorted(
+        ((v.path.replace("/", "_") + "_", v) for v in model.trainable_variables), key=lambda t: -len(t[0])
+    )
+    for k, s in enumerate(inner.variables):
+        for prefix, v in prefixes:
+            if s.name.startswith(prefix) and tuple(s.shape) == tuple(v.shape):
+                owners[k] = v
+                break
+    return owners

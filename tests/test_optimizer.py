@@ -9,6 +9,7 @@ from keras import ops
 
 from keras_mat.groups import ModuleGroup, annotate, group_of
 from keras_mat.optimizer import ModularAdaptiveOptimizer, wrap
+from tests import models
 
 BACKEND = keras.backend.backend()
 
@@ -52,21 +53,6 @@ def keep_array(variable, masks):
     return np.broadcast_to(m.reshape(shape), variable.shape)
 
 
-def slot_owners(inner, model):
-    """Independent (name-based) map from inner slot to model variable: Keras
-    names slots `<variable path with / -> _>_<slot name>`."""
-    owners = {}
-    prefixes = sorted(
-        ((v.path.replace("/", "_") + "_", v) for v in model.trainable_variables), key=lambda t: -len(t[0])
-    )
-    for k, s in enumerate(inner.variables):
-        for prefix, v in prefixes:
-            if s.name.startswith(prefix) and tuple(s.shape) == tuple(v.shape):
-                owners[k] = v
-                break
-    return owners
-
-
 def values(variables):
     return [np.array(keras.ops.convert_to_numpy(v.value)) for v in variables]
 
@@ -88,7 +74,7 @@ def check_masked_steps(make_inner, steps=2, seed=0):
     bare = make_inner()
     opt.build(model.trainable_variables)
     bare.build(twin.trainable_variables)
-    owners = slot_owners(opt.inner_optimizer, model)
+    owners = models.slot_owners(opt.inner_optimizer, model)
     assert len(opt.inner_optimizer.variables) == len(bare.variables)
     masks = random_masks(opt, rng)
     opt.set_masks(masks)
@@ -594,7 +580,7 @@ def test_subset_apply_equals_masked_full_apply(name):
         if group_of(v)[0] is not None and group_of(v)[0].name in off
     ]
     assert left_out, "the MHA families own no variable"
-    owners = slot_owners(sub_o.inner_optimizer, sub_m)
+    owners = models.slot_owners(sub_o.inner_optimizer, sub_m)
     left_slots = [k for k, v in owners.items() if any(v is sub_m.trainable_variables[i] for i in left_out)]
     assert left_slots, "no slot of a left-out variable was found"
     for step in range(3):
