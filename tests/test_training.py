@@ -442,3 +442,76 @@ def test_plot_lambda_many_modules_stays_readable(tmp_path):
     assert height <= 16 * 120, height
     with pytest.raises(ValueError, match="no measurement"):
         plot_lambda([], str(tmp_path / "none.png"))
+
+
+def _step_matmuls(model, x, y):
+    """Matrix products one MAT train step runs, for the skip set `fit` chose
+    (model's runtime `next_skip`), counted where each backend does the work:
+    JAX, `dot` ops in the XLA-optimized step (after dead-code elimination);
+    TF, MatMul ops in the traced step graph; torch, `aten.mm` calls dispatched
+    by one eager step (forward, autograd backward and optimizer)."""
+    rt = model._keras_mat_runtime
+    rt.skip = rt.next_skip
+    if BACKEND == "jax":
+        import jax
+
+        state = model._get_jax_state(
+            trainable_variables=True,
+            non_trainable_variables=True,
+            optimizer_variables=True,
+            metrics_variables=True,
+        )
+        hlo = jax.jit(lambda s, d: model.train_step(s, d)).lower(state, (x, y)).compile().as_text()
+        return hlo.count(" dot(")
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        fn = tf.function(lambda d: model.train_step(d))
+        graph = fn.get_concrete_function((tf.constant(x), tf.constant(y))).graph
+        return sum(op.type in ("MatMul", "BatchMatMulV2") for op in graph.get_operations())
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        model.train_step((torch.tensor(x), torch.tensor(y)))
+    assert "matmul" not in calls and "addmm" not in calls, calls  # 2-D Dense products dispatch as mm
+    return calls.count("mm") + calls.count("bmm")
+
+
+def test_step_runs_only_the_matmuls_of_trained_variables():
+    # Three Dense layers (one module each), so per step: 3 forward products,
+    # one weight gradient per trained layer, and an activation gradient into
+    # every layer below the top that still has a trained layer under it.
+    # The same counts on every backend: a skipped weight gradient is really
+    # not computed, and back-propagation stops at the lowest trained layer.
+    inp = keras.Input((6,))
+    h = keras.layers.Dense(16, activation="tanh", name="fc0")(inp)
+    h = keras.layers.Dense(16, activation="tanh", name="fc1")(h)
+    m = keras.Model(inp, keras.layers.Dense(3, name="fc2")(h))
+    keras_mat.annotate(m)
+    groups = keras_mat.get_groups(m)
+    assert [(g.name, g.num_modules) for g in groups] == [("fc0", 1), ("fc1", 1), ("fc2", 1)]
+    opt = wrap(keras.optimizers.Adam(1e-2), policy=None)
+    m.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    opt.build(m.trainable_variables)
+    x, y = _data(m, n=8)
+    expected = {(): 8, ("fc1",): 7, ("fc0",): 6, ("fc0", "fc1"): 4, ("fc0", "fc1", "fc2"): 3}
+    got = {}
+    for off in expected:
+        opt.set_masks({g.name: np.asarray([g.name not in off]) for g in groups})
+        before = [keras.ops.convert_to_numpy(v.value) for v in m.trainable_variables]
+        m.fit(x, y, batch_size=8, epochs=1, verbose=0)
+        skipped = {m.trainable_variables[i].path.split("/")[0] for i in m._keras_mat_runtime.next_skip}
+        assert skipped == set(off), (off, m._keras_mat_runtime.next_skip)
+        for v, b in zip(m.trainable_variables, before):  # frozen variables stay bit for bit
+            moved = not np.array_equal(keras.ops.convert_to_numpy(v.value), b)
+            assert moved == (v.path.split("/")[0] not in off), (off, v.path)
+        got[off] = _step_matmuls(m, x, y)
+    assert got == expected
