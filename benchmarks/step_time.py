@@ -6,8 +6,17 @@ encoder layers (conv layers) from the bottom, with and without the embeddings
 `set_masks`). keras_mat's training step then skips the weight gradients of
 fully-masked variables and, when everything below a layer is frozen, the
 backward pass below it. Reports the median step time over interleaved rounds
-in one process, its ratio to the all-trained step, and the analytic FLOPs
-ratio from `keras_mat.flops`.
+in one process, its ratio to the all-trained step, the analytic FLOPs ratio
+from `keras_mat.flops`, and the matrix-product FLOPs ratio that the backend
+itself counts in the step it runs (JAX: XLA's cost analysis of the compiled
+step; TF: MatMul/Einsum/Conv ops of the traced step graph and their static
+shapes; torch: `torch.utils.flop_counter` over one eager step).
+
+All variants are compiled first; then every round runs every configuration
+for `--steps` timed steps (after `--warmup` untimed ones), so that the
+machine's drift hits all configurations alike. The time ratio of a row is the
+median over rounds of (its median step in the round / the all-trained median
+in the same round); the spread over rounds is reported with it.
 
     KERAS_BACKEND=jax python benchmarks/step_time.py --models bert,vgg --rounds 3
     # VGG steps are ~25x cheaper than BERT's: time more of them, in their own file
@@ -21,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import time
 
 
@@ -29,6 +39,8 @@ def parse_args():
     p.add_argument("--models", default="bert,vgg")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=6, help="timed steps per config and round")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per config and round")
+    p.add_argument("--no-count", action="store_true", help="skip the backend FLOPs counts")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--bert-layers", type=int, default=4)
     p.add_argument("--bert-hidden", type=int, default=256)
@@ -55,7 +67,7 @@ def bert(args):
     )
     model = keras_hub.models.BertMaskedLM(backbone=backbone, preprocessor=None)
     rng = np.random.RandomState(0)
-    n, masked = args.batch_size * (args.steps + 2), 20
+    n, masked = args.batch_size * (args.steps + max(args.warmup, 2)), 20
     x = {
         "token_ids": rng.randint(1, args.vocab, (n, args.seq)).astype("int32"),
         "segment_ids": np.zeros((n, args.seq), "int32"),
@@ -87,10 +99,107 @@ def vgg(args):
     out = keras.layers.Dense(10, name="fc2")(h)
     model = keras.Model(inp, out, name="vgg")
     rng = np.random.RandomState(0)
-    x = rng.rand(args.batch_size * (args.steps + 2), 32, 32, 3).astype("float32")
-    y = rng.randint(0, 10, args.batch_size * (args.steps + 2))
+    n = args.batch_size * (args.steps + max(args.warmup, 2))
+    x = rng.rand(n, 32, 32, 3).astype("float32")
+    y = rng.randint(0, 10, n)
     # The first conv is the "stem"; the rest are the layers frozen from the bottom.
     return model, x, y, names[1:], names[0]
+
+
+def _prod(dims):
+    out = 1
+    for d in dims:
+        out *= int(d)
+    return out
+
+
+def _hlo_matmul_flops(hlo):
+    # Dots and convolutions of an optimized XLA module (what runs after XLA's
+    # dead-code elimination): 2 x output size x contracted size. Every
+    # instruction line declares its shape, so operands are looked up by name.
+    shapes = {
+        m[1]: [int(d) for d in m[2].split(",") if d]
+        for m in re.finditer(r"%([\w.\-]+) = \w+\[([\d,]*)\]", hlo)
+    }
+    total = 0
+    dot = r"= \w+\[([\d,]*)\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\).*?lhs_contracting_dims=\{([\d,]*)\}"
+    for m in re.finditer(dot, hlo):
+        lhs = shapes[m[2]]
+        total += 2 * _prod(m[1].split(",")) * _prod(lhs[int(i)] for i in m[4].split(","))
+    conv = r"= \w+\[([\d,]*)\]\S* convolution\(%([\w.\-]+), %([\w.\-]+)\).*?dim_labels=\w+_(\w+)->"
+    for m in re.finditer(conv, hlo):  # forward, input- and filter-gradient convolutions alike
+        rhs = shapes[m[3]]
+        total += 2 * _prod(m[1].split(",")) * _prod(d for d, c in zip(rhs, m[4]) if c != "o")
+    return total
+
+
+def _tf_live_ops(graph):
+    # What a tf.function runs: TF prunes the ops that feed neither an output
+    # nor a stateful op (its control outputs), e.g. the filter gradient of a
+    # frozen conv, which TF's Conv2D gradient emits whatever is watched.
+    live, todo = set(), [t.op for t in graph.outputs] + list(graph.control_outputs)
+    while todo:
+        op = todo.pop()
+        if op.name not in live:
+            live.add(op.name)
+            todo.extend(t.op for t in op.inputs)
+            todo.extend(op.control_inputs)
+    return [op for op in graph.get_operations() if op.name in live]
+
+
+def _tf_graph_matmul_flops(graph):
+    total = 0
+    for op in _tf_live_ops(graph):
+        t = op.type
+        if t in ("MatMul", "BatchMatMulV2", "BatchMatMulV3"):
+            a = op.inputs[0].shape
+            trans = op.get_attr("transpose_a" if t == "MatMul" else "adj_x")
+            total += 2 * _prod(op.outputs[0].shape) * (a[-2] if trans else a[-1])
+        elif t == "Einsum" and len(op.inputs) == 2:
+            sizes = {}
+            for spec, x in zip(op.get_attr("equation").decode().split("->")[0].split(","), op.inputs):
+                sizes.update(zip(spec, x.shape))
+            total += 2 * _prod(sizes.values())
+        elif t in ("Conv2D", "Conv2DBackpropInput", "Conv2DBackpropFilter"):
+            kernel = op.outputs[0].shape if t == "Conv2DBackpropFilter" else op.inputs[1].shape
+            out = op.outputs[0].shape if t == "Conv2D" else op.inputs[2].shape
+            total += 2 * _prod(out) * _prod(kernel[:3])
+    return total
+
+
+def backend_flops(model, x, y):
+    """Matrix-product and convolution FLOPs of one MAT train step, counted by
+    the backend in the step it runs for the skip set `fit` chose."""
+    import keras
+
+    rt = model._keras_mat_runtime
+    rt.skip = rt.next_skip
+    backend = keras.config.backend()
+    if backend == "jax":
+        import jax
+
+        state = model._get_jax_state(
+            trainable_variables=True,
+            non_trainable_variables=True,
+            optimizer_variables=True,
+            metrics_variables=True,
+        )
+        lowered = jax.jit(lambda s, d: model.train_step(s, d)).lower(state, (x, y))
+        return _hlo_matmul_flops(lowered.compile().as_text())
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        data = keras.tree.map_structure(tf.constant, (x, y))
+        return _tf_graph_matmul_flops(
+            tf.function(lambda d: model.train_step(d)).get_concrete_function(data).graph
+        )
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    data = keras.tree.map_structure(torch.as_tensor, (x, y))
+    with FlopCounterMode(display=False) as counter:
+        model.train_step(data)  # one real step (the benchmark's weights are throw-away)
+    return counter.get_total_flops()
 
 
 class _Timer:
@@ -142,34 +251,40 @@ def run_model(name, args):
                 continue
             off = families_of(layers[:k]) + (families_of([bottom]) if with_bottom else [])
             configs.append((frac, with_bottom, sorted(set(off))))
-    rows = {i: [] for i in range(len(configs))}
     timer = _Timer()
-    steps = args.steps + 2  # two warm-up steps per fit are not timed
+
+    def run(off, steps):
+        opt.set_masks({g.name: np.ones(g.num_modules, bool) for g in groups})
+        opt.set_masks({n: np.zeros([g for g in groups if g.name == n][0].num_modules, bool) for n in off})
+        timer.cb.times = []
+        model.fit(
+            x,
+            y,
+            batch_size=args.batch_size,
+            epochs=1,
+            steps_per_epoch=steps,
+            verbose=0,
+            shuffle=False,
+            callbacks=[timer.cb],
+        )
+        return timer.cb.times
+
+    counted = []
+    batch = keras.tree.map_structure(lambda a: a[: args.batch_size], (x, y))
+    for _, _, off in configs:  # compile every variant (and count its work) before timing
+        run(off, 2)
+        counted.append(None if args.no_count else float(backend_flops(model, *batch)))
+    rows = {i: [] for i in range(len(configs))}
     for r in range(args.rounds):
         for i, (_, _, off) in enumerate(configs):
-            opt.set_masks({g.name: np.ones(g.num_modules, bool) for g in groups})
-            opt.set_masks({n: np.zeros([g for g in groups if g.name == n][0].num_modules, bool) for n in off})
-            timer.cb.times = []
-            model.fit(
-                x,
-                y,
-                batch_size=args.batch_size,
-                epochs=1,
-                steps_per_epoch=steps,
-                verbose=0,
-                shuffle=False,
-                callbacks=[timer.cb],
-            )
-            rows[i].append(float(np.median(timer.cb.times[2:])))
+            rows[i].append(float(np.median(run(off, args.warmup + args.steps)[args.warmup :])))
         print(f"round {r + 1}/{args.rounds} done", flush=True)
     out = []
-    base = None
+    base = np.asarray(rows[0])
     for i, (frac, with_bottom, off) in enumerate(configs):
-        med = float(np.median(rows[i]))
+        ratios = np.asarray(rows[i]) / base  # paired: the same round's all-trained step
         masks = {g.name: np.asarray([g.name not in off] * g.num_modules) for g in groups}
         fl = flops.step_flops(report, masks, frozen_prefix="auto", granularity="family")
-        if base is None:
-            base = med
         label = name if name != "vgg" or args.vgg_width == 32 else f"vgg_w{args.vgg_width}"
         out.append(
             {
@@ -177,9 +292,13 @@ def run_model(name, args):
                 "frozen_fraction": frac,
                 "bottom_frozen": with_bottom,
                 "frozen_families": len(off),
-                "step_ms": 1000 * med,
-                "time_ratio": med / base,
+                "step_ms": 1000 * float(np.median(rows[i])),
+                "time_ratio": float(np.median(ratios)),
+                "time_ratio_range": [float(ratios.min()), float(ratios.max())],
                 "flops_ratio": fl / full_flops,
+                "analytic_gflops": fl / 1e9,
+                "backend_gflops": None if counted[i] is None else counted[i] / 1e9,
+                "backend_flops_ratio": None if counted[i] is None else counted[i] / counted[0],
                 "per_round_ms": [1000 * t for t in rows[i]],
             }
         )
@@ -206,13 +325,15 @@ def main():
     with open(out, "w") as f:
         json.dump({"meta": meta, "rows": results}, f, indent=1)
     print(
-        "| backend | model | frozen from bottom | embeddings/stem frozen | step ms | time ratio | FLOPs ratio |"
+        "| backend | model | frozen from bottom | embeddings/stem frozen | step ms | time ratio (range) "
+        "| FLOPs ratio | backend-counted FLOPs ratio |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         print(
             f"| {backend} | {r['model']} | {int(100 * r['frozen_fraction'])}% | {'yes' if r['bottom_frozen'] else 'no'} "
-            f"| {r['step_ms']:.0f} | {r['time_ratio']:.2f} | {r['flops_ratio']:.2f} |"
+            f"| {r['step_ms']:.0f} | {r['time_ratio']:.2f} ({r['time_ratio_range'][0]:.2f}-{r['time_ratio_range'][1]:.2f}) "
+            f"| {r['flops_ratio']:.2f} | {r['backend_flops_ratio'] or float('nan'):.2f} |"
         )
 
 

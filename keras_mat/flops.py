@@ -369,10 +369,13 @@ def _first_input(call):
 
 
 def _arg(call, name, position):
+    # Arguments are bound to the signature's names (`_bind`); positions only
+    # count when binding failed. (Never the n-th value given: a keyword call
+    # `mha(query=x, value=x, attention_mask=m)` must not take the mask for
+    # the key.)
     if name in call.arguments:
         return call.arguments[name]
-    values = list(call.arguments.values())
-    return values[position] if position < len(values) else None
+    return call.arguments.get(f"arg{position}")
 
 
 def _rows(shape):

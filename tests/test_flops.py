@@ -122,6 +122,20 @@ def test_multi_head_attention():
     np.testing.assert_allclose(per_head, [sum(proj.values()) / heads] * heads)
 
 
+def test_multi_head_attention_called_with_keywords_and_a_mask():
+    # As keras-hub's encoders call it: query/value by keyword, no key, and a
+    # (batch, 1, S) padding mask in the third argument slot. The mask must
+    # not be taken for the key (that gave S = 1).
+    seq, heads, key_dim = 6, 2, 4
+    x = keras.Input((seq, 8))
+    mask = keras.Input((1, seq), dtype="bool")
+    layer = keras.layers.MultiHeadAttention(heads, key_dim, name="mha")
+    model = keras.Model([x, mask], layer(query=x, value=x, attention_mask=mask), name="self")
+    report = flops.count_flops(model, batch_size=B)
+    scores = mix = 2.0 * B * heads * seq * seq * key_dim
+    assert _entry(report, "mha") == (scores + mix, 2 * (scores + mix), 0.0)
+
+
 def test_einsum_dense():
     inp = keras.Input((3, 4))
     x = keras.layers.EinsumDense("abc,cde->abde", (3, 2, 5), kernel_initializer=Z, name="e1")(inp)
