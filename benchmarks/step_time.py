@@ -33,8 +33,10 @@ import platform
 import re
 import time
 
+import numpy as np
 
-def parse_args():
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="bert,vgg")
     p.add_argument("--rounds", type=int, default=3)
@@ -47,14 +49,14 @@ def parse_args():
     p.add_argument("--bert-heads", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--vocab", type=int, default=8000)
+    p.add_argument("--bert-dropout", type=float, default=0.1)
     p.add_argument("--vgg-width", type=int, default=32)
     p.add_argument("--out", default=None)
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def bert(args):
     import keras_hub
-    import numpy as np
 
     backbone = keras_hub.models.BertBackbone(
         vocabulary_size=args.vocab,
@@ -63,7 +65,7 @@ def bert(args):
         hidden_dim=args.bert_hidden,
         intermediate_dim=4 * args.bert_hidden,
         max_sequence_length=args.seq,
-        dropout=0.1,
+        dropout=args.bert_dropout,
     )
     model = keras_hub.models.BertMaskedLM(backbone=backbone, preprocessor=None)
     rng = np.random.RandomState(0)
@@ -82,7 +84,6 @@ def bert(args):
 
 def vgg(args):
     import keras
-    import numpy as np
 
     w = args.vgg_width
     inp = keras.Input((32, 32, 3))
@@ -221,56 +222,80 @@ class _Timer:
         self.cb = CB()
 
 
-def run_model(name, args):
-    import keras
-    import numpy as np
+class Setup:
+    """One benchmark model, annotated and compiled with a mask-driven MAT
+    optimizer, and its frozen-from-the-bottom configurations."""
 
-    import keras_mat
-    from keras_mat import flops
+    def __init__(self, name, args):
+        import keras
 
-    model, x, y, layers, bottom = {"bert": bert, "vgg": vgg}[name](args)
-    keras_mat.annotate(model, embeddings=True, norms=True)
-    groups = keras_mat.get_groups(model)
-    opt = keras_mat.wrap(keras.optimizers.Adam(1e-4), policy=None)
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    model.compile(optimizer=opt, loss=loss)
-    opt.build(model.trainable_variables)
-    report = flops.count_flops(
-        model, args.batch_size, input_shapes=keras.tree.map_structure(lambda a: tuple(a.shape[1:]), x)
-    )
-    full_flops = flops.step_flops(report, None, frozen_prefix="auto")
+        import keras_mat
+        from keras_mat import flops
 
-    def families_of(prefixes):
-        return [g.name for g in groups if any(g.name.startswith(p) or f"/{p}" in g.name for p in prefixes)]
+        self.name, self.args = name, args
+        model, self.x, self.y, layers, bottom = {"bert": bert, "vgg": vgg}[name](args)
+        keras_mat.annotate(model, embeddings=True, norms=True)
+        self.model, self.groups = model, keras_mat.get_groups(model)
+        self.opt = keras_mat.wrap(keras.optimizers.Adam(1e-4), policy=None)
+        model.compile(optimizer=self.opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        self.opt.build(model.trainable_variables)
+        shapes = keras.tree.map_structure(lambda a: tuple(a.shape[1:]), self.x)
+        self.report = flops.count_flops(model, args.batch_size, input_shapes=shapes)
+        self.full_flops = flops.step_flops(self.report, None, frozen_prefix="auto")
+        self.label = name if name != "vgg" or args.vgg_width == 32 else f"vgg_w{args.vgg_width}"
+        # (fraction of layers frozen, bottom frozen too, names of the families turned off)
+        self.configs = []
+        for frac in (0.0, 0.25, 0.5, 0.75):
+            k = int(round(frac * len(layers)))
+            for with_bottom in (False, True):
+                if frac == 0.0 and with_bottom:
+                    continue
+                off = self.families_of(layers[:k]) + (self.families_of([bottom]) if with_bottom else [])
+                self.configs.append((frac, with_bottom, sorted(set(off))))
 
-    configs = []
-    for frac in (0.0, 0.25, 0.5, 0.75):
-        k = int(round(frac * len(layers)))
-        for with_bottom in (False, True):
-            if frac == 0.0 and with_bottom:
-                continue
-            off = families_of(layers[:k]) + (families_of([bottom]) if with_bottom else [])
-            configs.append((frac, with_bottom, sorted(set(off))))
-    timer = _Timer()
+    def families_of(self, prefixes):
+        return [
+            g.name for g in self.groups if any(g.name.startswith(p) or f"/{p}" in g.name for p in prefixes)
+        ]
 
-    def run(off, steps):
-        opt.set_masks({g.name: np.ones(g.num_modules, bool) for g in groups})
-        opt.set_masks({n: np.zeros([g for g in groups if g.name == n][0].num_modules, bool) for n in off})
-        timer.cb.times = []
-        model.fit(
-            x,
-            y,
-            batch_size=args.batch_size,
+    def masks(self, off):
+        return {g.name: np.asarray([g.name not in off] * g.num_modules) for g in self.groups}
+
+    def run(self, off, steps, callbacks=()):
+        """`fit` for `steps` steps with the families `off` masked."""
+        self.opt.set_masks({k: v.astype(bool) for k, v in self.masks(off).items()})
+        self.model.fit(
+            self.x,
+            self.y,
+            batch_size=self.args.batch_size,
             epochs=1,
             steps_per_epoch=steps,
             verbose=0,
             shuffle=False,
-            callbacks=[timer.cb],
+            callbacks=list(callbacks),
         )
+
+    def step_flops_ratio(self, off):
+        from keras_mat import flops
+
+        fl = flops.step_flops(self.report, self.masks(off), frozen_prefix="auto", granularity="family")
+        return fl, fl / self.full_flops
+
+
+def run_model(name, args):
+    import keras
+
+    s = Setup(name, args)
+    model, configs = s.model, s.configs
+    timer = _Timer()
+
+    def run(off, steps):
+        timer.cb.times = []
+        s.run(off, steps, [timer.cb])
         return timer.cb.times
 
     counted = []
-    batch = keras.tree.map_structure(lambda a: a[: args.batch_size], (x, y))
+    batch = keras.tree.map_structure(lambda a: a[: args.batch_size], (s.x, s.y))
     for _, _, off in configs:  # compile every variant (and count its work) before timing
         run(off, 2)
         counted.append(None if args.no_count else float(backend_flops(model, *batch)))
@@ -283,19 +308,17 @@ def run_model(name, args):
     base = np.asarray(rows[0])
     for i, (frac, with_bottom, off) in enumerate(configs):
         ratios = np.asarray(rows[i]) / base  # paired: the same round's all-trained step
-        masks = {g.name: np.asarray([g.name not in off] * g.num_modules) for g in groups}
-        fl = flops.step_flops(report, masks, frozen_prefix="auto", granularity="family")
-        label = name if name != "vgg" or args.vgg_width == 32 else f"vgg_w{args.vgg_width}"
+        fl, fl_ratio = s.step_flops_ratio(off)
         out.append(
             {
-                "model": label,
+                "model": s.label,
                 "frozen_fraction": frac,
                 "bottom_frozen": with_bottom,
                 "frozen_families": len(off),
                 "step_ms": 1000 * float(np.median(rows[i])),
                 "time_ratio": float(np.median(ratios)),
                 "time_ratio_range": [float(ratios.min()), float(ratios.max())],
-                "flops_ratio": fl / full_flops,
+                "flops_ratio": fl_ratio,
                 "analytic_gflops": fl / 1e9,
                 "backend_gflops": None if counted[i] is None else counted[i] / 1e9,
                 "backend_flops_ratio": None if counted[i] is None else counted[i] / counted[0],

@@ -131,6 +131,7 @@ class OpFlops:
     # id(variable) -> dW FLOPs; ids of own trainable variables (internal).
     _weight_ids: dict = dataclasses.field(default_factory=dict, repr=False)
     _trainable_ids: tuple = dataclasses.field(default=(), repr=False)
+    _source: int | None = dataclasses.field(default=None, repr=False)  # which tensor it reads first
 
 
 @dataclasses.dataclass
@@ -206,12 +207,13 @@ class FlopsReport:
 
 
 class _Call:
-    __slots__ = ("layer", "arguments", "outputs")
+    __slots__ = ("layer", "arguments", "outputs", "source")
 
     def __init__(self, layer, arguments):
         self.layer = layer
         self.arguments = arguments
         self.outputs = None
+        self.source = None  # index of the tensor the call reads first (same index: same tensor)
 
 
 def _is_tensor_like(x):
@@ -309,18 +311,32 @@ def _trace(model, specs):
     from keras.src.layers.layer import Layer
 
     calls = []
+    seen = []  # the first input tensor of every call, kept alive so that identities stay unique
     original = Layer.__call__
 
     def hooked(self, *args, **kwargs):
         record = _Call(self, _bind(self, args, kwargs))
+        first = next((t for t in keras.tree.flatten((args, kwargs)) if _is_tensor_like(t)), None)
+        if first is not None:
+            record.source = next((i for i, t in enumerate(seen) if t is first), len(seen))
+            if record.source == len(seen):
+                seen.append(first)
         calls.append(record)
         out = original(self, *args, **kwargs)
+        if isinstance(self, keras.layers.MultiHeadAttention):
+            # Its own work (the two attention matmuls) runs after the
+            # query/key/value projections it calls, on their outputs: order
+            # it after them, reading none of its inputs.
+            calls.remove(record)
+            calls.append(record)
+            record.source = None
         flat = [_shape_of(t) for t in keras.tree.flatten(out) if _is_tensor_like(t)]
         record.outputs = flat
         return out
 
     def fn(inputs):
         calls.clear()  # a backend may trace more than once (torch: meta, then eager)
+        seen.clear()
         return model(inputs, training=False)
 
     with _TRACE_LOCK:
@@ -573,6 +589,7 @@ def count_flops(model, batch_size, input_shapes=None, groups=None):
         op.grad_weight = float(sum(op._weight_ids.values()))
         op.weights = {paths.get(k, str(k)): float(f) for k, f in op._weight_ids.items()}
         op._trainable_ids = tuple(id(v) for v in own)
+        op._source = call.source
         op.trainable = tuple(v.path for v in own)
         if op.forward or op.grad_input or op.grad_weight or own:
             ops.append(op)
@@ -670,9 +687,13 @@ def step_flops(report, masks=None, frozen_prefix=None, granularity="module"):
             that owns a trained variable (an always-trained variable or one
             with an active module), i.e. skip all back-propagation below the
             lowest trained parameter, as JAX's autodiff does when the
-            untrained variables are left out of differentiation. For
-            branching graphs execution order is used, which can only
-            over-count.
+            untrained variables are left out of differentiation. Ops are
+            taken in execution order (a `MultiHeadAttention`'s own matmuls
+            after its projections), and a later op that reads the same
+            tensor as the stop op (the key and value projections beside the
+            query projection) gets no input gradient either. Other branches
+            off the frozen part are counted as back-propagated, which can
+            only over-count.
         granularity: `"module"` (default): a family's dW counts only for its
             active modules (the analytic MAT cost). `"family"`: a family's
             whole dW counts if any of its modules is active (what an
@@ -698,11 +719,16 @@ def step_flops(report, masks=None, frozen_prefix=None, granularity="module"):
     k = _stop_index(report, active, frozen_prefix)
     if k is None:
         return report.forward
-    # Ops below the stop point: no dX, no dW. The stop op itself: no dX.
+    # Ops below the stop point: no dX, no dW. The stop op itself: no dX, nor
+    # any later op that reads the same tensor (the key and value projections
+    # beside a query projection): its gradient would only flow below the stop.
     for op in report.ops[:k]:
         total -= op.grad_input
         total -= _op_weight_flops(report, op, active, granularity)
-    total -= report.ops[k].grad_input
+    stop = report.ops[k]
+    for op in report.ops[k:]:
+        if op is stop or (stop._source is not None and op._source == stop._source):
+            total -= op.grad_input
     return total
 
 

@@ -250,6 +250,31 @@ def test_step_flops_family_off_and_frozen_prefix():
         flops.step_flops(report, frozen_prefix="missing")
 
 
+def test_auto_frozen_prefix_stops_below_self_attention():
+    # stem (frozen) -> self-attention called with keywords -> head. Back-
+    # propagation stops at the attention's input: no dX for the query, key or
+    # value projections (all read the stem's output), but the attention
+    # matmuls' backward and the output projection's dX still run.
+    x = keras.Input((6, 5))
+    h = keras.layers.Dense(8, name="stem")(x)
+    h = keras.layers.MultiHeadAttention(2, 4, name="mha")(query=h, value=h)
+    model = keras.Model(x, keras.layers.Dense(3, name="head")(keras.layers.Flatten()(h)))
+    report = flops.count_flops(model, batch_size=B)
+    order = [op.layer for op in report.ops]
+    assert order.index("mha") > order.index("mha/value"), order  # its matmuls run after q/k/v
+    e = {name: _entry(report, name) for name in ("stem", "mha", "head")}
+    proj = {p: _entry(report, f"mha/{p}") for p in ("query", "key", "value", "attention_output")}
+    expected = (
+        report.forward
+        + e["head"][1]
+        + e["head"][2]
+        + e["mha"][1]
+        + proj["attention_output"][1]
+        + sum(f[2] for f in proj.values())
+    )
+    assert flops.step_flops(report, {"stem": [0]}, frozen_prefix="auto") == pytest.approx(expected)
+
+
 def test_probe_flops():
     model = _mlp()
     report = flops.count_flops(model, batch_size=B)
