@@ -55,6 +55,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _batches(args):
+    # Enough batches for the longest fit: the compile pass (2 steps) or warm-up + timed steps.
+    return args.steps + max(getattr(args, "warmup", 2), 2)
+
+
 def bert(args):
     import keras_hub
 
@@ -65,11 +70,11 @@ def bert(args):
         hidden_dim=args.bert_hidden,
         intermediate_dim=4 * args.bert_hidden,
         max_sequence_length=args.seq,
-        dropout=args.bert_dropout,
+        dropout=getattr(args, "bert_dropout", 0.1),  # (probe_overhead.py passes its own args)
     )
     model = keras_hub.models.BertMaskedLM(backbone=backbone, preprocessor=None)
     rng = np.random.RandomState(0)
-    n, masked = args.batch_size * (args.steps + max(args.warmup, 2)), 20
+    n, masked = args.batch_size * _batches(args), 20
     x = {
         "token_ids": rng.randint(1, args.vocab, (n, args.seq)).astype("int32"),
         "segment_ids": np.zeros((n, args.seq), "int32"),
@@ -100,7 +105,7 @@ def vgg(args):
     out = keras.layers.Dense(10, name="fc2")(h)
     model = keras.Model(inp, out, name="vgg")
     rng = np.random.RandomState(0)
-    n = args.batch_size * (args.steps + max(args.warmup, 2))
+    n = args.batch_size * _batches(args)
     x = rng.rand(n, 32, 32, 3).astype("float32")
     y = rng.randint(0, 10, n)
     # The first conv is the "stem"; the rest are the layers frozen from the bottom.
