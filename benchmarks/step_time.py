@@ -28,6 +28,7 @@ in the same round); the spread over rounds is reported with it.
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -112,30 +113,24 @@ def vgg(args):
     return model, x, y, names[1:], names[0]
 
 
-def _prod(dims):
-    out = 1
-    for d in dims:
-        out *= int(d)
-    return out
+def _dims(text):
+    return [int(d) for d in text.split(",") if d]  # "4096,256" -> [4096, 256]; "" (scalar) -> []
 
 
 def _hlo_matmul_flops(hlo):
     # Dots and convolutions of an optimized XLA module (what runs after XLA's
     # dead-code elimination): 2 x output size x contracted size. Every
     # instruction line declares its shape, so operands are looked up by name.
-    shapes = {
-        m[1]: [int(d) for d in m[2].split(",") if d]
-        for m in re.finditer(r"%([\w.\-]+) = \w+\[([\d,]*)\]", hlo)
-    }
+    shapes = {m[1]: _dims(m[2]) for m in re.finditer(r"%([\w.\-]+) = \w+\[([\d,]*)\]", hlo)}
     total = 0
     dot = r"= \w+\[([\d,]*)\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\).*?lhs_contracting_dims=\{([\d,]*)\}"
     for m in re.finditer(dot, hlo):
         lhs = shapes[m[2]]
-        total += 2 * _prod(m[1].split(",")) * _prod(lhs[int(i)] for i in m[4].split(","))
+        total += 2 * math.prod(_dims(m[1])) * math.prod(lhs[i] for i in _dims(m[4]))
     conv = r"= \w+\[([\d,]*)\]\S* convolution\(%([\w.\-]+), %([\w.\-]+)\).*?dim_labels=\w+_(\w+)->"
     for m in re.finditer(conv, hlo):  # forward, input- and filter-gradient convolutions alike
         rhs = shapes[m[3]]
-        total += 2 * _prod(m[1].split(",")) * _prod(d for d, c in zip(rhs, m[4]) if c != "o")
+        total += 2 * math.prod(_dims(m[1])) * math.prod(d for d, c in zip(rhs, m[4]) if c != "o")
     return total
 
 
@@ -160,17 +155,32 @@ def _tf_graph_matmul_flops(graph):
         if t in ("MatMul", "BatchMatMulV2", "BatchMatMulV3"):
             a = op.inputs[0].shape
             trans = op.get_attr("transpose_a" if t == "MatMul" else "adj_x")
-            total += 2 * _prod(op.outputs[0].shape) * (a[-2] if trans else a[-1])
+            total += 2 * math.prod(op.outputs[0].shape) * (a[-2] if trans else a[-1])
         elif t == "Einsum" and len(op.inputs) == 2:
             sizes = {}
             for spec, x in zip(op.get_attr("equation").decode().split("->")[0].split(","), op.inputs):
                 sizes.update(zip(spec, x.shape))
-            total += 2 * _prod(sizes.values())
+            total += 2 * math.prod(sizes.values())
         elif t in ("Conv2D", "Conv2DBackpropInput", "Conv2DBackpropFilter"):
             kernel = op.outputs[0].shape if t == "Conv2DBackpropFilter" else op.inputs[1].shape
             out = op.outputs[0].shape if t == "Conv2D" else op.inputs[2].shape
-            total += 2 * _prod(out) * _prod(kernel[:3])
+            total += 2 * math.prod(out) * math.prod(kernel[:3])
     return total
+
+
+def jax_step_hlo(model, x, y):
+    """The XLA-optimized HLO text of the MAT train step for the skip set
+    `fit` chose last (JAX), compiled for the batch `(x, y)`."""
+    import jax
+
+    model._keras_mat_runtime.skip = model._keras_mat_runtime.next_skip
+    state = model._get_jax_state(
+        trainable_variables=True,
+        non_trainable_variables=True,
+        optimizer_variables=True,
+        metrics_variables=True,
+    )
+    return jax.jit(lambda s, d: model.train_step(s, d)).lower(state, (x, y)).compile().as_text()
 
 
 def backend_flops(model, x, y):
@@ -178,20 +188,10 @@ def backend_flops(model, x, y):
     the backend in the step it runs for the skip set `fit` chose."""
     import keras
 
-    rt = model._keras_mat_runtime
-    rt.skip = rt.next_skip
+    model._keras_mat_runtime.skip = model._keras_mat_runtime.next_skip
     backend = keras.config.backend()
     if backend == "jax":
-        import jax
-
-        state = model._get_jax_state(
-            trainable_variables=True,
-            non_trainable_variables=True,
-            optimizer_variables=True,
-            metrics_variables=True,
-        )
-        lowered = jax.jit(lambda s, d: model.train_step(s, d)).lower(state, (x, y))
-        return _hlo_matmul_flops(lowered.compile().as_text())
+        return _hlo_matmul_flops(jax_step_hlo(model, x, y))
     if backend == "tensorflow":
         import tensorflow as tf
 
@@ -237,7 +237,7 @@ class Setup:
         import keras_mat
         from keras_mat import flops
 
-        self.name, self.args = name, args
+        self.args = args
         model, self.x, self.y, layers, bottom = {"bert": bert, "vgg": vgg}[name](args)
         keras_mat.annotate(model, embeddings=True, norms=True)
         self.model, self.groups = model, keras_mat.get_groups(model)
@@ -247,6 +247,7 @@ class Setup:
         shapes = keras.tree.map_structure(lambda a: tuple(a.shape[1:]), self.x)
         self.report = flops.count_flops(model, args.batch_size, input_shapes=shapes)
         self.full_flops = flops.step_flops(self.report, None, frozen_prefix="auto")
+        self.batch = keras.tree.map_structure(lambda a: a[: args.batch_size], (self.x, self.y))  # one batch
         self.label = name if name != "vgg" or args.vgg_width == 32 else f"vgg_w{args.vgg_width}"
         # (fraction of layers frozen, bottom frozen too, names of the families turned off)
         self.configs = []
@@ -268,7 +269,7 @@ class Setup:
 
     def run(self, off, steps, callbacks=()):
         """`fit` for `steps` steps with the families `off` masked."""
-        self.opt.set_masks({k: v.astype(bool) for k, v in self.masks(off).items()})
+        self.opt.set_masks(self.masks(off))
         self.model.fit(
             self.x,
             self.y,
@@ -288,8 +289,6 @@ class Setup:
 
 
 def run_model(name, args):
-    import keras
-
     s = Setup(name, args)
     model, configs = s.model, s.configs
     timer = _Timer()
@@ -300,11 +299,10 @@ def run_model(name, args):
         return timer.cb.times
 
     counted = []
-    batch = keras.tree.map_structure(lambda a: a[: args.batch_size], (s.x, s.y))
     for _, _, off in configs:  # compile every variant (and count its work) before timing
         run(off, 2)
-        counted.append(None if args.no_count else float(backend_flops(model, *batch)))
-    rows = {i: [] for i in range(len(configs))}
+        counted.append(None if args.no_count else float(backend_flops(model, *s.batch)))
+    rows = [[] for _ in configs]  # per configuration: its median step in each round
     for r in range(args.rounds):
         for i, (_, _, off) in enumerate(configs):
             rows[i].append(float(np.median(run(off, args.warmup + args.steps)[args.warmup :])))

@@ -53,23 +53,10 @@ def matmul_thunks(hlo):
 
 def profile(setup, off, steps):
     import jax
-    import keras
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
-    model = setup.model
     setup.run(off, 2)  # compiled (and cached) before the trace
-    rt = model._keras_mat_runtime
-    rt.skip = rt.next_skip
-    state = model._get_jax_state(
-        trainable_variables=True,
-        non_trainable_variables=True,
-        optimizer_variables=True,
-        metrics_variables=True,
-    )
-    batch = keras.tree.map_structure(lambda a: a[: setup.args.batch_size], (setup.x, setup.y))
-    heavy = matmul_thunks(
-        jax.jit(lambda s, d: model.train_step(s, d)).lower(state, batch).compile().as_text()
-    )
+    heavy = matmul_thunks(step_time.jax_step_hlo(setup.model, *setup.batch))
     options = jax.profiler.ProfileOptions()
     options.host_tracer_level, options.python_tracer_level = 3, 0
     with tempfile.TemporaryDirectory() as d:

@@ -141,7 +141,7 @@ class FlopsReport:
     Attributes:
         batch_size: Batch size the counts are for (every count is linear in
             it).
-        ops: `OpFlops` of every counted layer call, in execution order.
+        ops: `OpFlops` of every counted layer call, in execution order (a layer that calls sub-layers after them).
         layers: Dict layer path -> `{"forward", "grad_input", "grad_weight"}`
             summed over the layer's calls, in first-call order.
         families: Dict family name -> `(num_modules,)` float64 array of the
@@ -311,22 +311,21 @@ def _trace(model, specs):
     from keras.src.layers.layer import Layer
 
     calls = []
-    seen = []  # the first input tensor of every call, kept alive so that identities stay unique
+    sources = {}  # id(tensor) -> (index, tensor): the tensor kept alive so that ids stay unique
     original = Layer.__call__
 
     def hooked(self, *args, **kwargs):
         record = _Call(self, _bind(self, args, kwargs))
         first = next((t for t in keras.tree.flatten((args, kwargs)) if _is_tensor_like(t)), None)
         if first is not None:
-            record.source = next((i for i, t in enumerate(seen) if t is first), len(seen))
-            if record.source == len(seen):
-                seen.append(first)
+            record.source = sources.setdefault(id(first), (len(sources), first))[0]
         calls.append(record)
+        start = len(calls)
         out = original(self, *args, **kwargs)
-        if isinstance(self, keras.layers.MultiHeadAttention):
-            # Its own work (the two attention matmuls) runs after the
-            # query/key/value projections it calls, on their outputs: order
-            # it after them, reading none of its inputs.
+        if len(calls) > start:
+            # A layer that calls sub-layers (attention: its query/key/value
+            # projections) is taken to do its own work after them, on their
+            # outputs: it is ordered after them and reads none of its inputs.
             calls.remove(record)
             calls.append(record)
             record.source = None
@@ -336,7 +335,7 @@ def _trace(model, specs):
 
     def fn(inputs):
         calls.clear()  # a backend may trace more than once (torch: meta, then eager)
-        seen.clear()
+        sources.clear()
         return model(inputs, training=False)
 
     with _TRACE_LOCK:
@@ -688,8 +687,8 @@ def step_flops(report, masks=None, frozen_prefix=None, granularity="module"):
             with an active module), i.e. skip all back-propagation below the
             lowest trained parameter, as JAX's autodiff does when the
             untrained variables are left out of differentiation. Ops are
-            taken in execution order (a `MultiHeadAttention`'s own matmuls
-            after its projections), and a later op that reads the same
+            taken in execution order (a layer that calls sub-layers, e.g. a
+            `MultiHeadAttention`, after them), and a later op that reads the same
             tensor as the stop op (the key and value projections beside the
             query projection) gets no input gradient either. Other branches
             off the frozen part are counted as back-propagated, which can

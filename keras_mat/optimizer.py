@@ -63,6 +63,13 @@ def _optimizer_chain(optimizer):
 
 
 @keras.saving.register_keras_serializable(package="keras_mat")
+def _zero_filled(grads, values):
+    # For inner optimizers that touch every variable on each apply (EMA,
+    # gradient accumulation): a left-out variable gets a zero gradient, and
+    # the masked update keeps it as it is.
+    return [ops.zeros_like(v) if g is None else g for g, v in zip(grads, values)]
+
+
 class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
     """Wraps a Keras optimizer so that only the active modules are updated.
 
@@ -518,7 +525,7 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         for k, g in zip(given, grads):
             full[k] = g
         if self._updates_every_variable:
-            full = [ops.zeros_like(v.value) if g is None else g for g, v in zip(full, tvars)]
+            full = _zero_filled(full, [v.value for v in tvars])
             given, trainable_variables = list(range(len(tvars))), tvars
         live_t = [g is not None for g in full]
         live_i = self._live(live_t)
@@ -570,7 +577,7 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
             grads = self._scale_gradients(list(grads), masks)
         grads = list(grads)
         if self.families and self._updates_every_variable:
-            grads = [ops.zeros_like(t) if g is None else g for g, t in zip(grads, trainable_variables)]
+            grads = _zero_filled(grads, trainable_variables)
         live_t = [g is not None for g in grads]
         with warnings.catch_warnings():
             if any(live_t) and not all(live_t):

@@ -24,7 +24,7 @@ BACKEND = keras.config.backend()
 
 def _session(backend, what):
     if BACKEND != backend:
-        pytest.skip(f"{backend}-only: {what}; runs in the KERAS_BACKEND={backend} session")
+        pytest.skip(reason=f"{backend}-only: {what}; runs in the KERAS_BACKEND={backend} session")
 
 
 def _run(backend, argv):
