@@ -62,7 +62,6 @@ def _optimizer_chain(optimizer):
     return chain
 
 
-@keras.saving.register_keras_serializable(package="keras_mat")
 def _zero_filled(grads, values):
     # For inner optimizers that touch every variable on each apply (EMA,
     # gradient accumulation): a left-out variable gets a zero gradient, and
@@ -70,6 +69,7 @@ def _zero_filled(grads, values):
     return [ops.zeros_like(v) if g is None else g for g, v in zip(grads, values)]
 
 
+@keras.saving.register_keras_serializable(package="keras_mat")
 class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
     """Wraps a Keras optimizer so that only the active modules are updated.
 
