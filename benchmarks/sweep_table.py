@@ -3,7 +3,7 @@
 Each sweep point is an example run with `--variants mat` (or `mat,rand`) and
 the same data, model, seed and schedule as a full comparison whose
 `results.json` holds the plain run. This script puts every point's MAT (and
-Rand) record beside that plain record and scores them as `examples/common.py`
+Rand) record beside that plain record and scores them as `benchmarks/harness/common.py`
 scores a comparison: final and best validation metric, metric at the plain
 run's FLOPs budget, training FLOPs and wall-clock to reach the plain run's
 best, and the mean fraction of modules MAT updated.
@@ -24,9 +24,9 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "harness"))
 
-import common  # noqa: E402  (examples/common.py)
+import common  # noqa: E402  (benchmarks/harness/common.py)
 
 
 def _load(path):
