@@ -1,9 +1,10 @@
-"""`MATLogger` (CSV / TensorBoard / in-memory log of every measurement) and
-`plot_lambda` (heatmap of lambda_max per module over time, masks overlaid)."""
+"""`MATLogger`: CSV / TensorBoard / in-memory log of every measurement.
+
+`plot_lambda` (the heatmap of those logs) lives in `keras_mat.plotting` and
+is importable from here as well."""
 
 from __future__ import annotations
 
-import collections
 import csv
 import os
 
@@ -11,6 +12,7 @@ import keras
 import numpy as np
 
 from keras_mat import backends
+from keras_mat.plotting import plot_lambda  # noqa: F401  (its former home; keeps old imports working)
 
 _FIELDS = (
     "step",
@@ -146,128 +148,3 @@ class MATLogger(keras.callbacks.Callback):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-
-
-def _load_rows(source):
-    if isinstance(source, MATLogger):
-        return source.rows
-    if isinstance(source, (str, os.PathLike)):
-        with open(source, newline="") as f:
-            return [
-                {
-                    k: (
-                        v
-                        if k == "family"
-                        else float(v)
-                        if k in ("lambda_max", "train_flops", "total_flops")
-                        else int(v)
-                    )
-                    for k, v in row.items()
-                }
-                for row in csv.DictReader(f)
-            ]
-    if isinstance(source, list):
-        return source
-    raise TypeError(
-        "plot_lambda takes a MATLogger, the path of its CSV, or its rows. "
-        f"Received: source of type {type(source).__name__}"
-    )
-
-
-_MAX_ROWS_LABELLED = 80
-
-
-def plot_lambda(source, path="lambda_max.png", title=None, log_scale=True):
-    """Heatmap of lambda_max per module (rows) over measurements (columns).
-
-    Masked (not updated) cells are marked with a dot, permanently frozen ones
-    with an x. Up to 80 modules every row is labelled; with more (e.g. the
-    filters of a CNN) the figure keeps a readable height, each family is
-    labelled once (with its module count) and separated by a line.
-
-    Args:
-        source: A `MATLogger`, the path of its CSV, or a list of its rows.
-        path: Where to write the PNG.
-        title: Optional figure title.
-        log_scale: Colour by log10(lambda_max).
-
-    Returns:
-        `path`.
-
-    Raises:
-        ValueError: if the source holds no measurement.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.patches  # noqa: F401  (legend patches of the compact view)
-    import matplotlib.pyplot as plt
-
-    rows = _load_rows(source)
-    if not rows:
-        raise ValueError(f"plot_lambda: no measurement to plot. Received: {len(rows)} rows")
-    modules = sorted({(r["family"], r["module"]) for r in rows}, key=lambda t: (t[0], t[1]))
-    steps = sorted({r["step"] for r in rows})
-    mi = {m: i for i, m in enumerate(modules)}
-    si = {s: i for i, s in enumerate(steps)}
-    lam = np.full((len(modules), len(steps)), np.nan)
-    active = np.ones_like(lam, dtype=bool)
-    frozen = np.zeros_like(lam, dtype=bool)
-    for r in rows:
-        i, j = mi[(r["family"], r["module"])], si[r["step"]]
-        lam[i, j] = r["lambda_max"]
-        active[i, j] = bool(r["active"])
-        frozen[i, j] = bool(r["frozen"])
-    n = len(modules)
-    # One labelled row per module up to `_MAX_ROWS_LABELLED` modules; beyond that the figure
-    # stops growing (at most 16 inches), rows are labelled per family, and masked / frozen
-    # cells are shaded instead of marked.
-    compact = n > _MAX_ROWS_LABELLED
-    height = min(16.0, 0.22 * n + 1.5) if compact else max(3, 0.22 * n + 1.5)
-    fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(steps) + 3), height))
-    # lambda_max = 0 (e.g. a dead ReLU filter) is drawn black, outside the colour scale.
-    positive = lam > 0
-    if log_scale:
-        shown = np.ma.masked_where(~positive, np.log10(np.where(positive, lam, 1.0)))
-    else:
-        shown = np.ma.masked_invalid(lam)
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("black")
-    im = ax.imshow(shown, aspect="auto", interpolation="nearest", cmap=cmap)
-    label = "log10 lambda_max" if log_scale else "lambda_max"
-    fig.colorbar(im, ax=ax, label=label + (" (black: 0)" if np.any(~positive & np.isfinite(lam)) else ""))
-    masked, stopped = ~active & ~frozen, frozen
-    if compact:
-        overlay = np.zeros(lam.shape + (4,))
-        overlay[masked] = (1.0, 1.0, 1.0, 0.55)
-        overlay[stopped] = (1.0, 0.0, 0.0, 0.6)
-        ax.imshow(overlay, aspect="auto", interpolation="nearest")
-        handles = [
-            matplotlib.patches.Patch(color=(1, 1, 1, 0.55), label="masked (shaded)"),
-            matplotlib.patches.Patch(color=(1, 0, 0, 0.6), label="frozen"),
-        ]
-        ax.legend(handles=handles, loc="upper right", fontsize=6)
-    else:
-        yy, xx = np.nonzero(masked)
-        ax.scatter(xx, yy, s=8, c="white", marker="o", label="masked")
-        yy, xx = np.nonzero(stopped)
-        ax.scatter(xx, yy, s=14, c="red", marker="x", label="frozen")
-        ax.legend(loc="upper right", fontsize=6)
-    if compact:
-        starts = [i for i, (f, _) in enumerate(modules) if i == 0 or modules[i - 1][0] != f]
-        sizes = collections.Counter(f for f, _ in modules)
-        for i in starts[1:]:
-            ax.axhline(i - 0.5, color="white", lw=0.6)
-        ax.set_yticks(starts)
-        ax.set_yticklabels([f"{modules[i][0]} ({sizes[modules[i][0]]})" for i in starts])
-    else:
-        ax.set_yticks(range(n))
-        ax.set_yticklabels([f"{f}[{m}]" for f, m in modules], fontsize=6)
-    ax.set_xticks(range(len(steps)))
-    ax.set_xticklabels([str(s) for s in steps], rotation=90, fontsize=6)
-    ax.set_xlabel("training step of the measurement")
-    ax.set_title(title or "MAT: lambda_max per module")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
