@@ -1,46 +1,63 @@
-# Everything a fresh machine needs: `make demo` and `make test` create their own
-# virtual environment (.venv) and install the pinned dependencies first.
+# Everything a fresh clone needs: each target creates its own virtual environment (.venv) and
+# installs what it uses, at the exact versions in constraints.txt.
+#   make demo   MAT on small slices of Fashion-MNIST and WikiText-2 shipped in examples/data
+#               (installs keras-mat with JAX and matplotlib only; no download of data)
+#   make test   ruff, then the test suite once per Keras backend (installs everything)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip install --quiet -c constraints.txt
 BACKENDS ?= jax tensorflow torch
-DATA_DIR ?= ../shared/data
 DEMO_BACKEND ?= jax
+# Optional offline copy of the full data sets for `make compare` (folder layout: docs/data.md).
+# Empty: the examples download the official files.
+DATA_DIR ?=
+DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
-.PHONY: install demo tour test lint format clean
+.PHONY: install install-demo demo compare test lint format clean
 
-$(BIN)/.keras_mat_installed: pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[all]"
+
+# The demo's environment: keras-mat, JAX (CPU) and matplotlib.
+$(BIN)/.installed-demo: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -e ".[jax,plot]"
 	touch $@
 
-install: $(BIN)/.keras_mat_installed
+# Everything: the three backends, keras-hub, plotting, TensorBoard and the test tools.
+$(BIN)/.installed-all: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -e ".[all]"
+	touch $@ $(BIN)/.installed-demo
 
-# Short versions of the BERT / WikiText-2 and VGG / CIFAR-10 comparisons (plain, MAT, Rand,
-# Multirate), offline from $(DATA_DIR); each prints its results table.
-demo: install
-	KERAS_BACKEND=$${KERAS_BACKEND:-$(DEMO_BACKEND)} $(BIN)/python examples/bert_wikitext2.py --preset demo --data-dir $(DATA_DIR) --out-dir results/demo/bert
-	KERAS_BACKEND=$${KERAS_BACKEND:-$(DEMO_BACKEND)} $(BIN)/python examples/vgg_cifar10.py --preset demo --data-dir $(DATA_DIR) --out-dir results/demo/vgg
+install: $(BIN)/.installed-all
+install-demo: $(BIN)/.installed-demo
 
-# A one-model tour (Fashion-MNIST conv + attention): lambda_max per head, masks, stopped modules.
-tour: install
-	KERAS_BACKEND=$${KERAS_BACKEND:-$(DEMO_BACKEND)} $(BIN)/python examples/demo.py --data-dir $(DATA_DIR)
+# Plain training vs MAT vs Rand on the data in examples/data: prints the comparison table and
+# writes the lambda_max heatmap, the masks over time and loss against FLOPs to results/demo/.
+demo: $(BIN)/.installed-demo
+	KERAS_BACKEND=$${KERAS_BACKEND:-$(DEMO_BACKEND)} $(BIN)/python examples/demo.py --out-dir results/demo
+
+# The short comparisons of the full-size examples (BERT on WikiText-2, VGG on CIFAR-10), with
+# Multirate as well; they download the official data unless DATA_DIR names an offline copy.
+compare: $(BIN)/.installed-all
+	KERAS_BACKEND=$${KERAS_BACKEND:-$(DEMO_BACKEND)} $(BIN)/python examples/bert_wikitext2.py --preset demo $(DATA_FLAG) --out-dir results/compare/bert
+	KERAS_BACKEND=$${KERAS_BACKEND:-$(DEMO_BACKEND)} $(BIN)/python examples/vgg_cifar10.py --preset demo $(DATA_FLAG) --out-dir results/compare/vgg
 
 # The suite runs once per Keras backend; every backend runs even if one fails.
-test: install
+test: $(BIN)/.installed-all
 	$(BIN)/ruff check keras_mat tests examples benchmarks
 	@status=0; for b in $(BACKENDS); do \
 		echo "=== KERAS_BACKEND=$$b ==="; \
 		KERAS_BACKEND=$$b TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python -m pytest -q -p no:cacheprovider --doctest-modules keras_mat tests || status=1; \
 	done; exit $$status
 
-lint: install
+lint: $(BIN)/.installed-all
 	$(BIN)/ruff check keras_mat tests examples benchmarks
 	$(BIN)/ruff format --check keras_mat tests examples benchmarks
 
-format: install
+format: $(BIN)/.installed-all
 	$(BIN)/ruff format keras_mat tests examples benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
