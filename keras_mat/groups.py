@@ -16,15 +16,31 @@ training loop that never hands it the model.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+import warnings
+import weakref
+from collections.abc import Iterable, Sequence
 
 import keras
+import numpy as np
 
 KINDS = ("head", "filter", "expert", "layer", "custom")
 
 _GROUP_ATTR = "_keras_mat_group"
 _AXIS_ATTR = "_keras_mat_axis"
 _MODEL_ATTR = "_keras_mat_groups"
+
+
+def _as_int(x):
+    """`x` as a Python int when it is an integer (Python or numpy, not bool), else None."""
+    if isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)):
+        return int(x)
+    return None
+
+
+def _check_flag(value, name):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"`{name}` must be True or False. Received: {name}={value!r}")
+    return bool(value)
 
 
 def _var_key(variable):
@@ -71,6 +87,11 @@ class ModuleGroup:
             raise ValueError(f"`name` must be a non-empty string. Received: name={name!r}")
         if isinstance(variables, keras.Variable):
             variables = [variables]
+        if isinstance(variables, (str, bytes)) or not isinstance(variables, Iterable):
+            raise TypeError(
+                f"ModuleGroup {name!r}: `variables` must be a keras.Variable or a list of them. "
+                f"Received: variables={variables!r}"
+            )
         variables = list(variables)
         if not variables:
             raise ValueError(
@@ -87,20 +108,27 @@ class ModuleGroup:
                     f"ModuleGroup {name!r}: variable {v.path!r} is not trainable; only "
                     f"trainable variables can form modules. Received: variable={v.path!r}"
                 )
-        if axes is None or isinstance(axes, int):
+        if axes is None or _as_int(axes) is not None:
             axes = [axes] * len(variables)
+        elif isinstance(axes, (str, bytes)) or not isinstance(axes, Iterable):
+            raise TypeError(
+                f"ModuleGroup {name!r}: `axes` must be an int, None, or a list with one int or "
+                f"None per variable. Received: axes={axes!r}"
+            )
         axes = list(axes)
         if len(axes) != len(variables):
             raise ValueError(
                 f"ModuleGroup {name!r}: `axes` must have one entry per variable "
                 f"({len(variables)}). Received: axes={axes!r}"
             )
-        if not isinstance(num_modules, int) or isinstance(num_modules, bool) or num_modules < 1:
+        count = _as_int(num_modules)
+        if count is None or count < 1:
             raise ValueError(
                 f"ModuleGroup {name!r}: `num_modules` must be a positive int. "
                 f"Received: num_modules={num_modules!r}"
             )
-        if kind not in KINDS:
+        num_modules = count
+        if not isinstance(kind, str) or kind not in KINDS:
             raise ValueError(f"ModuleGroup {name!r}: `kind` must be one of {KINDS}. Received: kind={kind!r}")
         seen = set()
         norm_axes = []
@@ -120,12 +148,13 @@ class ModuleGroup:
                     )
                 norm_axes.append(None)
                 continue
-            if not isinstance(axis, int) or isinstance(axis, bool) or not -rank <= axis < rank:
+            index = _as_int(axis)
+            if index is None or not -rank <= index < rank:
                 raise ValueError(
                     f"ModuleGroup {name!r}: axis out of range for variable {v.path!r} "
                     f"of shape {tuple(v.shape)} (rank {rank}). Received: axis={axis!r}"
                 )
-            axis = axis % rank
+            axis = index % rank
             size = v.shape[axis]
             if size % num_modules:
                 raise ValueError(
@@ -138,6 +167,21 @@ class ModuleGroup:
         self.axes = norm_axes
         self.num_modules = num_modules
         self.kind = kind
+        # Weak references to the optimizers built with this family (`mark_in_use`).
+        self._users = []
+
+    def _signature(self):
+        # Two families are the same when they slice the same variables the same way.
+        return (
+            self.name,
+            self.kind,
+            self.num_modules,
+            tuple((_var_key(v), a) for v, a in zip(self.variables, self.axes)),
+        )
+
+    def _live_users(self):
+        live = [ref() for ref in self._users]
+        return [u for u in live if u is not None]
 
     @property
     def num_parameters(self):
@@ -241,8 +285,9 @@ def _conv_group(layer, conv_modules):
 
     bias = getattr(layer, "bias", None)
     if isinstance(layer, BaseSeparableConv):
-        # Output filter f = pointwise kernel slice f + bias f; the depthwise
-        # kernel is shared by every filter, so it is a whole-layer module.
+        # Output filter f = pointwise kernel slice f + bias f. The depthwise
+        # kernel (..., in, multiplier) is shared by every output filter; its
+        # own filters are its input channels, as for DepthwiseConv.
         pw = layer.pointwise_kernel
         variables, axes = ([pw], [-1]) if pw.trainable else ([], [])
         if bias is not None and bias.trainable:
@@ -250,8 +295,9 @@ def _conv_group(layer, conv_modules):
             axes.append(0)
         if variables:
             groups.append(ModuleGroup(f"{name}/filters", variables, axes, count(pw.shape[-1]), "filter"))
-        if layer.depthwise_kernel.trainable:
-            groups.append(ModuleGroup(f"{name}/depthwise", [layer.depthwise_kernel], None, 1, "layer"))
+        dw = layer.depthwise_kernel
+        if dw.trainable:
+            groups.append(ModuleGroup(f"{name}/depthwise", [dw], -2, count(dw.shape[-2]), "filter"))
         return groups
     if isinstance(layer, BaseDepthwiseConv):
         # kernel (..., in, multiplier), bias (in * multiplier,): output channel
@@ -318,6 +364,67 @@ def _is_norm(layer):
     return type(layer).__name__.endswith("Normalization")
 
 
+def _check_exclude(exclude):
+    """`exclude` as (ids of excluded layers, compiled patterns); one str or layer is one entry."""
+    entries = [exclude] if isinstance(exclude, (str, keras.layers.Layer)) else exclude
+    if entries is None or not isinstance(entries, Iterable):
+        raise TypeError(
+            "`exclude` must be a layer, a regular expression (str), or a list of them. "
+            f"Received: exclude={exclude!r}"
+        )
+    entries = list(entries)
+    layers, patterns = set(), []
+    for entry in entries:
+        if isinstance(entry, keras.layers.Layer):
+            layers.add(id(entry))
+        elif isinstance(entry, str):
+            try:
+                patterns.append(re.compile(entry))
+            except re.error as e:
+                raise ValueError(
+                    f"`exclude` holds an invalid regular expression {entry!r} ({e}). Received: exclude={exclude!r}"
+                ) from None
+        else:
+            raise TypeError(
+                "Every entry of `exclude` must be a layer or a regular expression (str). "
+                f"Received: exclude entry={entry!r} of type {type(entry).__name__} in exclude={exclude!r}"
+            )
+    return layers, patterns
+
+
+def _check_model(model, where):
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(f"{where}: `model` must be a Keras model or layer. Received: model={model!r}")
+    if not model.built:
+        raise ValueError(
+            f"{where} needs a built model: call it on a batch of data or `model.build(input_shape)` "
+            "first (Functional models, and Sequential models that start with `keras.Input`, are "
+            f"built when created). Received: model={model.name!r} (not built)"
+        )
+
+
+def _check_discovery_options(include, conv_modules, exclude, embeddings, norms, dense):
+    kinds = ("head", "filter", "expert", "layer")
+    entries = [include] if isinstance(include, str) else include
+    entries = list(entries) if isinstance(entries, Iterable) else None
+    if entries is None or not all(isinstance(k, str) and k in kinds for k in entries):
+        raise ValueError(
+            f"`include` may only name 'head', 'filter', 'expert' and 'layer'. Received: include={include!r}"
+        )
+    if conv_modules is not None:
+        count = _as_int(conv_modules)
+        if count is None or count < 1:
+            raise ValueError(
+                f"`conv_modules` must be None or a positive int. Received: conv_modules={conv_modules!r}"
+            )
+        conv_modules = count
+    _check_flag(embeddings, "embeddings")
+    _check_flag(norms, "norms")
+    _check_flag(dense, "dense")
+    excluded_layers, patterns = _check_exclude(exclude)
+    return set(entries), conv_modules, excluded_layers, patterns
+
+
 def discover_groups(
     model,
     conv_modules=None,
@@ -325,8 +432,17 @@ def discover_groups(
     exclude=(),
     embeddings=False,
     norms=False,
+    dense=False,
 ):
     """Finds the module families of `model` automatically.
+
+    By default these are the modules of the MAT paper: the heads of every
+    attention layer (Keras `MultiHeadAttention` and its keras-hub
+    subclasses), the filters of every conv layer (`Conv1D/2D/3D`,
+    transposed, depthwise and separable), and the experts of every
+    stacked-expert layer. Everything else (Dense layers, embeddings, norms,
+    the attention output bias shared by all heads) is in no module and is
+    always trained, unless one of the options below puts it under MAT.
 
     Args:
         model: A built Keras model (Functional, Sequential, subclassed or a
@@ -334,9 +450,12 @@ def discover_groups(
         conv_modules: `None` for one module per conv filter, or an int `G`
             to split every conv layer's filters into `G` equal modules.
         include: Which kinds to discover, subset of
-            `("head", "filter", "expert", "layer")`.
-        exclude: Layers (objects) or regular expressions matched against the
-            layer path whose parameters are left out of every family.
+            `("head", "filter", "expert", "layer")`. `"layer"` covers the
+            whole-layer modules that `dense`, `embeddings` and `norms` ask
+            for.
+        exclude: A layer, a regular expression matched (`re.search`)
+            against layer paths, or a list of them: these layers' parameters
+            are left out of every family.
         embeddings: Also make each embedding layer (Keras `Embedding`,
             keras-hub token/position/segment embeddings) one whole-layer
             module, so that MAT may stop it; when it and every layer below
@@ -350,29 +469,44 @@ def discover_groups(
             so a frozen transformer bottom saves only weight gradients. For
             the same reason it also makes each attention layer's output bias
             (shared by all heads) a whole-layer module.
+        dense: Also make each `Dense`/`EinsumDense` layer that is not part of
+            an attention layer or a stacked-expert layer (feed-forward blocks,
+            classifiers) one whole-layer module (kind `"layer"`). Off by
+            default: the paper's modules are heads, filters and experts.
 
     Returns:
-        A list of `ModuleGroup`, one per attention layer (heads), conv layer
-        (filters), stacked-expert layer (experts) and remaining
-        `Dense`/`EinsumDense` (one module per layer).
+        A list of `ModuleGroup`: one per attention layer (heads), one or two
+        per conv layer (filters; a separable conv's depthwise kernel is a
+        second filter family, one module per input channel), one per
+        stacked-expert layer (experts), and the whole-layer modules the
+        options ask for.
+
+    Raises:
+        TypeError: if `model` is not a Keras layer, or `exclude` or a flag
+            has the wrong type.
+        ValueError: if `model` is not built, `include` names an unknown
+            kind, `conv_modules` is not a positive int or does not divide a
+            conv layer's filters, or `exclude` holds an invalid regular
+            expression.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3),
+    ...                           keras.layers.Flatten(), keras.layers.Dense(2)])
+    >>> [(g.name, g.kind, g.num_modules) for g in discover_groups(model)]
+    [('conv2d/filters', 'filter', 4)]
     """
     from keras.src.layers.convolutional.base_conv import BaseConv
     from keras.src.layers.convolutional.base_conv_transpose import BaseConvTranspose
     from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
     from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv
 
-    unknown = set(include) - {"head", "filter", "expert", "layer"}
-    if unknown:
-        raise ValueError(
-            "`include` may only name 'head', 'filter', 'expert' and 'layer'. "
-            f"Received: include={tuple(include)!r}"
-        )
-    if conv_modules is not None and (not isinstance(conv_modules, int) or conv_modules < 1):
-        raise ValueError(
-            f"`conv_modules` must be None or a positive int. Received: conv_modules={conv_modules!r}"
-        )
-    excluded_layers = {id(x) for x in exclude if isinstance(x, keras.layers.Layer)}
-    patterns = [re.compile(x) for x in exclude if isinstance(x, str)]
+    _check_model(model, "discover_groups()")
+    include, conv_modules, excluded_layers, patterns = _check_discovery_options(
+        include, conv_modules, exclude, embeddings, norms, dense
+    )
+    embeddings, norms, dense = bool(embeddings), bool(norms), bool(dense)
+    whole_layers = "layer" in include
 
     def skipped(layer):
         return id(layer) in excluded_layers or any(p.search(_layer_name(layer)) for p in patterns)
@@ -389,17 +523,17 @@ def discover_groups(
     layers = _all_layers(model)
     conv_types = (BaseConv, BaseConvTranspose, BaseDepthwiseConv, BaseSeparableConv)
     # Composite layers first (attention, experts) so that their sub-layers are
-    # not also taken as whole-layer Dense modules.
+    # never taken as whole-layer Dense modules, whatever the options.
     for layer in layers:
         if skipped(layer):
             claimed.update(_var_key(v) for v in layer.trainable_variables)
             continue
-        if "head" in include and isinstance(layer, keras.layers.MultiHeadAttention):
-            g = _attention_group(layer)
+        if isinstance(layer, keras.layers.MultiHeadAttention):
+            g = _attention_group(layer) if "head" in include else None
             if g is not None:
                 claim(g)
                 bias = getattr(getattr(layer, "_output_dense", None), "bias", None)
-                if norms and bias is not None and bias.trainable:
+                if norms and whole_layers and bias is not None and bias.trainable:
                     # Shared by all heads, so not in the head family; with
                     # norms=True every parameter of a block is under MAT.
                     claim(ModuleGroup(f"{_layer_name(layer)}/output_bias", [bias], None, 1, kind="layer"))
@@ -410,19 +544,19 @@ def discover_groups(
     for layer in layers:
         if skipped(layer):
             continue
-        if embeddings and _is_embedding(layer):
-            g = _embedding_group(layer)
+        if _is_embedding(layer):
+            g = _embedding_group(layer) if embeddings and whole_layers else None
             if g is not None:
                 claim(g)
-        elif norms and _is_norm(layer):
-            variables = _own_trainable(layer)
+        elif _is_norm(layer):
+            variables = _own_trainable(layer) if norms and whole_layers else []
             if variables:
                 claim(ModuleGroup(f"{_layer_name(layer)}/norm", variables, None, 1, kind="layer"))
         elif isinstance(layer, conv_types):
             if "filter" in include:
                 for g in _conv_group(layer, conv_modules) or []:
                     claim(g)
-        elif "layer" in include and isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
+        elif dense and whole_layers and isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
             g = _dense_group(layer)
             if g is not None:
                 claim(g)
@@ -446,57 +580,114 @@ def _check_no_overlap(groups):
         raise ValueError(f"Module family names must be unique. Received: duplicate names={dupes}")
 
 
-def annotate(model, groups="auto", conv_modules=None, exclude=(), embeddings=False, norms=False):
-    """Declares the modules of `model` and enables MAT on it.
+def mark_in_use(groups, owner):
+    """Records that `owner` was built with the module families `groups`.
+
+    A `ModularAdaptiveOptimizer` calls this when it is built: from then on it
+    masks exactly these families, whatever later annotations say. `annotate`
+    reads the record to warn when re-annotating a model would change the
+    families such an owner is still using. The record holds a weak reference,
+    so an owner that is garbage-collected no longer counts.
+
+    Args:
+        groups: A `ModuleGroup` or a list of them.
+        owner: The object that uses them (e.g. the optimizer).
+
+    Raises:
+        TypeError: if an entry of `groups` is not a `ModuleGroup`.
+    """
+    if isinstance(groups, ModuleGroup):
+        groups = [groups]
+    if isinstance(groups, (str, bytes)) or not isinstance(groups, Iterable):
+        raise TypeError(f"`groups` must be a ModuleGroup or a list of them. Received: groups={groups!r}")
+    groups = list(groups)
+    for g in groups:
+        if not isinstance(g, ModuleGroup):
+            raise TypeError(f"Every entry of `groups` must be a ModuleGroup. Received: groups entry={g!r}")
+    try:
+        ref = weakref.ref(owner)
+    except TypeError:
+        ref = lambda: owner  # noqa: E731  (an owner without weak references stays in use)
+    for g in groups:
+        if all(r() is not owner for r in g._users):
+            g._users.append(ref)
+
+
+def in_use(group):
+    """The live owners recorded by `mark_in_use` for `group` (a list, empty if none)."""
+    if not isinstance(group, ModuleGroup):
+        raise TypeError(f"`group` must be a ModuleGroup. Received: group={group!r}")
+    return group._live_users()
+
+
+def annotate(model, groups="auto", conv_modules=None, exclude=(), embeddings=False, norms=False, dense=False):
+    """Declares the modules of `model` for MAT.
 
     Records the module families on the model and on each of their variables,
     so that `keras_mat.module_lambda_max`, `keras_mat.wrap(...)` and the MAT
-    training step find them.
+    training step find them. By default the families are the MAT paper's
+    modules: attention heads, conv filters and stacked experts (see
+    `discover_groups`); Dense layers, embeddings and norms are always
+    trained unless `dense`, `embeddings` or `norms` put them under MAT.
+
+    Re-annotating is allowed and replaces the previous families. Families
+    that come out the same (same name, variables, axes and module count) are
+    kept as the same objects. If the families change while an optimizer
+    built with the old ones is still alive, a `UserWarning` says so: a built
+    `ModularAdaptiveOptimizer` keeps masking the families it was built with,
+    so compile the model again with a new optimizer to use the new ones.
 
     Args:
-        model: A Keras model. It is built first if it is not (it must then
-            have known input shapes).
-        groups: `"auto"` (discover heads, filters, experts and Dense layers),
-            a list of `ModuleGroup` (only those), or a list that contains
-            `"auto"` and `ModuleGroup`s (explicit families win over automatic
-            ones that share a variable with them).
+        model: A built Keras model (Functional, Sequential, subclassed or a
+            keras-hub task). Functional models, and Sequential models that
+            start with `keras.Input`, are built when created; build any other
+            model first by calling it on a batch of data or with
+            `model.build(input_shape)`.
+        groups: `"auto"` (discover the families, see `discover_groups`), a
+            `ModuleGroup` or a list of them (only those), or a list that
+            contains `"auto"` and `ModuleGroup`s (explicit families win over
+            automatic ones that share a variable with them).
         conv_modules: For automatic conv families: `None` for one module per
             filter, or `G` to split each conv layer's filters into `G` modules.
-        exclude: Layers, or regular expressions matched against layer paths,
-            that automatic discovery must leave out (they stay always trained).
+        exclude: A layer, a regular expression matched against layer paths
+            (one string is one expression), or a list of them, that
+            automatic discovery must leave out (they stay always trained).
         embeddings: Put embedding layers under MAT's control (one whole-layer
             module each; see `discover_groups`).
         norms: Put normalization layers under MAT's control (one whole-layer
             module each; see `discover_groups`).
+        dense: Put `Dense`/`EinsumDense` layers outside attention and expert
+            layers (feed-forward blocks, classifiers) under MAT's control, one
+            whole-layer module each. Off by default.
 
     Returns:
         The same `model`, annotated.
 
     Raises:
-        ValueError: if a family's variable is not a trainable variable of
-            `model`, if families overlap, or if `groups` is malformed.
+        TypeError: if `model` is not a Keras model or layer, or `exclude`
+            or a flag has the wrong type.
+        ValueError: if `model` is not built, if a family's variable is not a
+            trainable variable of `model`, if families overlap, if `groups`
+            is malformed, or on an invalid `exclude` regular expression.
 
     Example:
 
     >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4),
     ...                           keras.layers.Dense(2)])
-    >>> _ = annotate(model)
-    >>> [(g.kind, g.num_modules) for g in get_groups(model)]
+    >>> [g.kind for g in get_groups(annotate(model))]  # no heads, filters or experts
+    []
+    >>> [(g.kind, g.num_modules) for g in get_groups(annotate(model, dense=True))]
     [('layer', 1), ('layer', 1)]
     """
-    if not isinstance(model, keras.layers.Layer):
-        raise TypeError(f"`model` must be a Keras model or layer. Received: model={model!r}")
-    if not model.built:
-        raise ValueError(
-            "annotate() needs a built model: call it on data or build it first. "
-            f"Received: model={model.name!r} (not built)"
-        )
+    _check_model(model, "annotate()")
     if isinstance(groups, str):
         if groups != "auto":
             raise ValueError(f"`groups` must be 'auto' or a list of ModuleGroup. Received: groups={groups!r}")
         groups = ["auto"]
     if isinstance(groups, ModuleGroup):
         groups = [groups]
+    if not isinstance(groups, Iterable):
+        raise ValueError(f"`groups` must be 'auto' or a list of ModuleGroup. Received: groups={groups!r}")
     groups = list(groups)
     explicit = []
     want_auto = False
@@ -518,15 +709,33 @@ def annotate(model, groups="auto", conv_modules=None, exclude=(), embeddings=Fal
                     f"ModuleGroup {g.name!r}: variable {v.path!r} {where} model "
                     f"{model.name!r}. Received: variable={v.path!r}"
                 )
+    # Options are checked even when discovery does not run.
+    _check_discovery_options(("head",), conv_modules, exclude, embeddings, norms, dense)
     final = list(explicit)
     if want_auto:
         taken = {_var_key(v) for g in explicit for v in g.variables}
-        for g in discover_groups(
-            model, conv_modules=conv_modules, exclude=exclude, embeddings=embeddings, norms=norms
-        ):
-            if not any(_var_key(v) in taken for v in g.variables):
-                final.append(g)
+        discovered = discover_groups(
+            model, conv_modules=conv_modules, exclude=exclude, embeddings=embeddings, norms=norms, dense=dense
+        )
+        final += [g for g in discovered if not any(_var_key(v) in taken for v in g.variables)]
     _check_no_overlap(final)
+    previous = groups_from_variables(model.variables)
+    same = {g._signature(): g for g in previous}
+    final = [same.get(g._signature(), g) for g in final]
+    changed = {id(g) for g in previous} != {id(g) for g in final}
+    users = [u for g in previous for u in g._live_users()]
+    if changed and users:
+        warnings.warn(
+            f"annotate() changes the module families of model {model.name!r} while "
+            f"{len({id(u) for u in users})} optimizer(s) built with its previous families are alive "
+            f"(e.g. {type(users[0]).__name__}): a built optimizer keeps masking the families it "
+            "was built with and ignores the new ones. Compile the model again with a new "
+            "optimizer (keras_mat.wrap(...)) to train with the new families. "
+            f"Received: previous families={[g.name for g in previous]}, "
+            f"new families={[g.name for g in final]}",
+            UserWarning,
+            stacklevel=2,
+        )
     # Clear old annotations so re-annotating a model is idempotent.
     for v in model.variables:
         for attr in (_GROUP_ATTR, _AXIS_ATTR):
@@ -537,14 +746,24 @@ def annotate(model, groups="auto", conv_modules=None, exclude=(), embeddings=Fal
             setattr(v, _GROUP_ATTR, g)
             setattr(v, _AXIS_ATTR, axis)
     object.__setattr__(model, _MODEL_ATTR, tuple(final))
-    from keras_mat import training  # local: training imports groups
-
-    training.install(model)
     return model
 
 
 def get_groups(model):
-    """The module families recorded by `annotate(model)`, or `None`."""
+    """The module families recorded by `annotate(model)`.
+
+    Args:
+        model: A Keras model or layer.
+
+    Returns:
+        A tuple of `ModuleGroup` (empty when `annotate` found none), or
+        `None` if `model` was never annotated.
+
+    Raises:
+        TypeError: if `model` is not a Keras model or layer.
+    """
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(f"`model` must be a Keras model or layer. Received: model={model!r}")
     return getattr(model, _MODEL_ATTR, None)
 
 

@@ -1,5 +1,8 @@
 """ModuleGroup validation, automatic discovery and annotate()."""
 
+import gc
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -30,16 +33,24 @@ def test_mha_heads_span_qkv_and_output_kernel():
     # The attention-output bias is shared by all heads: in no module, always trained.
     mha = m.get_layer("mha")
     assert group_of(mha._output_dense.bias) == (None, None)
-    # The classifier is a whole-layer module.
-    assert _names(m)["head"].kind == "layer" and _names(m)["head"].num_modules == 1
+    # The classifier is in no module by default, and a whole-layer module with dense=True.
+    assert set(_names(m)) == {"mha/heads"}
+    assert group_of(m.get_layer("head").kernel) == (None, None)
+    dense = _names(keras_mat.annotate(m, dense=True))
+    assert set(dense) == {"mha/heads", "head"}
+    assert dense["head"].kind == "layer" and dense["head"].num_modules == 1
+    assert group_of(mha._output_dense.bias) == (None, None)  # still shared, still in no module
 
 
 def test_keras_hub_encoder_discovered():
     m = keras_mat.annotate(models.encoder_stack(layers=2, heads=2))
     names = _names(m)
-    assert {"enc0/self_attention_layer/heads", "enc1/self_attention_layer/heads"} <= set(names)
-    # Feed-forward Dense layers inside the encoder are layer-level modules.
+    assert set(names) == {"enc0/self_attention_layer/heads", "enc1/self_attention_layer/heads"}
+    # Feed-forward Dense layers inside the encoder are layer-level modules only with dense=True.
+    names = _names(keras_mat.annotate(m, dense=True))
     assert names["enc0/feedforward_intermediate_dense"].kind == "layer"
+    assert names["cls"].kind == "layer"
+    assert names["enc0/self_attention_layer/heads"].kind == "head"
     # LayerNorms are in no module.
     for v in m.trainable_variables:
         if "norm" in v.path:
@@ -51,7 +62,10 @@ def test_conv_filters_and_variants():
     names = _names(m)
     assert names["c1d/filters"].num_modules == 4 and names["c1d/filters"].axes == [2, 0]
     assert names["sep/filters"].num_modules == 6
-    assert names["sep/depthwise"].kind == "layer"
+    # The separable conv's depthwise kernel: one filter per input channel (4 from c1d).
+    assert names["sep/depthwise"].kind == "filter" and names["sep/depthwise"].num_modules == 4
+    assert names["sep/depthwise"].axes == [1]
+    assert all(g.kind == "filter" for g in names.values())  # the Dense classifier is in no module
     assert names["dw/filters"].num_modules == 6 and names["dw/filters"].axes == [1, 0]
 
 
@@ -74,13 +88,15 @@ def test_exclude_and_explicit_on_top_of_auto():
     fc0 = m.get_layer("fc0")
     explicit = keras_mat.ModuleGroup("units", [fc0.kernel, fc0.bias], axes=[1, 0], num_modules=5)
     keras_mat.annotate(m, groups=["auto", explicit])
+    assert set(_names(m)) == {"units"}  # no heads, filters or experts in an MLP
+    keras_mat.annotate(m, groups=["auto", explicit], dense=True)
     names = _names(m)
     assert set(names) == {"units", "fc1"}
     assert group_of(fc0.kernel)[0] is explicit
     keras_mat.annotate(m, groups=[explicit])  # explicit only
     assert set(_names(m)) == {"units"}
     assert group_of(m.get_layer("fc1").kernel) == (None, None)
-    keras_mat.annotate(m, exclude=["fc1"])
+    keras_mat.annotate(m, exclude=["fc1"], dense=True)
     assert set(_names(m)) == {"fc0"}
 
 
@@ -138,8 +154,10 @@ def test_frozen_layer_variable_rejected_by_annotate():
 
 def test_annotate_needs_built_model():
     m = keras.Sequential([keras.layers.Dense(2)])
-    with pytest.raises(ValueError, match="not built"):
+    with pytest.raises(ValueError, match=r"model.build\(input_shape\).*not built"):
         keras_mat.annotate(m)
+    m.build((None, 3))
+    assert keras_mat.get_groups(keras_mat.annotate(m, dense=True))[0].kind == "layer"
 
 
 def test_embeddings_and_norms_options():
@@ -152,7 +170,7 @@ def test_embeddings_and_norms_options():
     m = keras.Model(inp, out)
     default = _names(keras_mat.annotate(m))
     assert not any(k.endswith("/embedding") or k.endswith("/norm") for k in default)
-    both = _names(keras_mat.annotate(m, embeddings=True, norms=True))
+    both = _names(keras_mat.annotate(m, embeddings=True, norms=True, dense=True))
     emb = [k for k in both if k.endswith("/embedding")]
     norms = [k for k in both if k.endswith("/norm")]
     assert emb and all(both[k].kind == "layer" and both[k].num_modules == 1 for k in emb)
@@ -160,3 +178,167 @@ def test_embeddings_and_norms_options():
     # Everything trainable is now in some module, the heads' shared output bias included.
     assert all(group_of(v)[0] is not None for v in m.trainable_variables)
     assert both["enc/self_attention_layer/output_bias"].kind == "layer"
+
+
+def _tiny_bert():
+    import keras_hub
+
+    return keras_hub.models.BertBackbone(
+        vocabulary_size=30,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=6,
+        name="bert",
+    )
+
+
+def test_default_modules_are_the_papers_heads_on_keras_hub_bert():
+    m = _tiny_bert()
+    groups = keras_mat.get_groups(keras_mat.annotate(m))
+    assert len(groups) == 2
+    assert all(g.kind == "head" and g.num_modules == 2 for g in groups)
+    in_family = {id(v) for g in groups for v in g.variables}
+    # Feed-forward, pooler, embeddings and norms are always trained by default.
+    others = [v for v in m.trainable_variables if id(v) not in in_family]
+    assert any("feedforward" in v.path for v in others) and any("pooled_dense" in v.path for v in others)
+    assert all(group_of(v) == (None, None) for v in others)
+    kinds = {g.kind for g in keras_mat.get_groups(keras_mat.annotate(m, dense=True))}
+    assert kinds == {"head", "layer"}
+
+
+def test_default_modules_are_filters_on_a_cnn_and_experts_on_moe():
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, name="c0")(inp)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.SeparableConv2D(6, 3, name="sep")(x)
+    x = keras.layers.Dense(5, name="fc0")(keras.layers.Flatten()(x))
+    m = keras.Model(inp, keras.layers.Dense(3, name="fc1")(x))
+    names = _names(keras_mat.annotate(m))
+    assert set(names) == {"c0/filters", "sep/filters", "sep/depthwise"}
+    assert {g.kind for g in names.values()} == {"filter"}
+    assert [names[k].num_modules for k in sorted(names)] == [4, 4, 6]
+    assert set(_names(keras_mat.annotate(models.moe(experts=3)))) == {"moe/experts"}
+    # discover_groups has the same default and option.
+    assert {g.name for g in keras_mat.discover_groups(m)} == set(names)
+    assert {g.name for g in keras_mat.discover_groups(m, dense=True)} == set(names) | {"fc0", "fc1"}
+
+
+def test_exclude_string_is_one_pattern_and_entries_are_checked():
+    m = models.mlp()
+    # One string is one regular expression, not a list of one-character ones.
+    keras_mat.annotate(m, exclude="fc1", dense=True)
+    assert set(_names(m)) == {"fc0"}
+    keras_mat.annotate(m, exclude=m.get_layer("fc0"), dense=True)
+    assert set(_names(m)) == {"fc1"}
+    keras_mat.annotate(m, exclude=("fc0", m.get_layer("fc1")), dense=True)
+    assert _names(m) == {}
+    with pytest.raises(TypeError, match=r"exclude entry=42 .*exclude=\[42\]"):
+        keras_mat.annotate(m, exclude=[42], dense=True)
+    with pytest.raises(TypeError, match="exclude=3.5"):
+        keras_mat.annotate(m, exclude=3.5)
+    with pytest.raises(ValueError, match=r"`exclude`.*'fc\(1'"):
+        keras_mat.annotate(m, exclude="fc(1", dense=True)
+    with pytest.raises(ValueError, match=r"`exclude`.*'\[a'"):
+        keras_mat.discover_groups(m, exclude=["fc0", "[a"])
+    # Checked even when no discovery runs (explicit families only).
+    g = keras_mat.ModuleGroup("g", [m.get_layer("fc0").kernel], axes=1, num_modules=5)
+    with pytest.raises(TypeError, match="exclude"):
+        keras_mat.annotate(m, groups=[g], exclude=[None])
+
+
+def test_numpy_integers_are_ints():
+    m = models.mlp()
+    k, b = m.get_layer("fc0").kernel, m.get_layer("fc0").bias  # (4, 5), (5,)
+    g = keras_mat.ModuleGroup("g", [k], axes=np.int64(1), num_modules=np.int64(5))
+    assert g.axes == [1] and g.num_modules == 5 and type(g.num_modules) is int
+    g = keras_mat.ModuleGroup("g", [k, b], axes=[np.int64(-1), np.int32(0)], num_modules=np.int16(5))
+    assert g.axes == [1, 0] and type(g.axes[0]) is int
+    assert g.num_parameters == 5
+    c = keras_mat.annotate(models.cnn(), conv_modules=np.int64(2))
+    assert _names(c)["c0/filters"].num_modules == 2
+    for bad in (True, 1.0, "1"):
+        with pytest.raises(ValueError, match="axis="):
+            keras_mat.ModuleGroup("g", [k], axes=[bad], num_modules=1)
+    for bad in (np.float64(2.0), True, 0, "2", None):
+        with pytest.raises(ValueError, match="num_modules="):
+            keras_mat.ModuleGroup("g", [k], axes=1, num_modules=bad)
+
+
+def test_wrong_types_name_the_argument():
+    m = models.mlp()
+    k = m.get_layer("fc0").kernel
+    with pytest.raises(TypeError, match="variables=5"):
+        keras_mat.ModuleGroup("g", 5)
+    with pytest.raises(TypeError, match="variables='kernel'"):
+        keras_mat.ModuleGroup("g", "kernel")
+    with pytest.raises(TypeError, match="axes='1'"):
+        keras_mat.ModuleGroup("g", [k], axes="1")
+    with pytest.raises(TypeError, match="axes=1.5"):
+        keras_mat.ModuleGroup("g", [k], axes=1.5)
+    with pytest.raises(ValueError, match=r"kind=\['head'\]"):
+        keras_mat.ModuleGroup("g", [k], axes=1, num_modules=5, kind=["head"])
+    with pytest.raises(TypeError, match="dense='yes'"):
+        keras_mat.annotate(m, dense="yes")
+    with pytest.raises(TypeError, match="norms=1"):
+        keras_mat.discover_groups(m, norms=1)
+    with pytest.raises(ValueError, match="include='neuron'"):
+        keras_mat.discover_groups(m, include="neuron")
+    assert keras_mat.discover_groups(m, include="layer", dense=True)  # one str is one kind
+    with pytest.raises(ValueError, match="conv_modules=2.0"):
+        keras_mat.annotate(m, conv_modules=2.0)
+    with pytest.raises(ValueError, match="groups=7"):
+        keras_mat.annotate(m, groups=7)
+    with pytest.raises(TypeError, match="model=3"):
+        keras_mat.annotate(3)
+    with pytest.raises(TypeError, match="model=3"):
+        keras_mat.discover_groups(3)
+    with pytest.raises(TypeError, match="model=3"):
+        keras_mat.get_groups(3)
+    assert keras_mat.get_groups(models.mlp()) is None  # never annotated
+    assert keras_mat.get_groups(keras_mat.annotate(models.mlp())) == ()  # annotated, no module
+
+
+class _Owner:
+    """Stands for a built optimizer in the re-annotation tests."""
+
+
+def test_reannotating_families_in_use_warns():
+    from keras_mat.groups import in_use, mark_in_use
+
+    m = keras_mat.annotate(models.mha())
+    old = keras_mat.get_groups(m)
+    owner = _Owner()
+    mark_in_use(old, owner)
+    assert in_use(old[0]) == [owner]
+    # The same families again: same objects, nothing to warn about.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        keras_mat.annotate(m)
+    assert keras_mat.get_groups(m)[0] is old[0]
+    with pytest.warns(UserWarning, match=r"keeps masking the families it was built with.*new families="):
+        keras_mat.annotate(m, dense=True)
+    assert {g.name for g in keras_mat.get_groups(m)} == {"mha/heads", "head"}
+    assert keras_mat.get_groups(m)[0] is old[0]  # unchanged family kept
+    # Once the owner is gone nothing is in use.
+    del owner
+    gc.collect()
+    assert in_use(old[0]) == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        keras_mat.annotate(m)
+    with pytest.raises(TypeError, match="groups entry=3"):
+        mark_in_use([3], _Owner())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="ModularAdaptiveOptimizer.build does not call keras_mat.groups.mark_in_use(families, self) yet",
+)
+def test_reannotating_after_the_optimizer_is_built_warns():
+    m = keras_mat.annotate(models.mha())
+    opt = keras_mat.wrap(keras.optimizers.SGD(0.1))
+    opt.build(m.trainable_variables)
+    with pytest.warns(UserWarning, match="keeps masking"):
+        keras_mat.annotate(m, dense=True)
