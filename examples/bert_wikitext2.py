@@ -1,25 +1,30 @@
 """BERT masked-LM on WikiText-2: plain training vs MAT vs "Rand" vs Multirate (modules = attention heads).
 
-    KERAS_BACKEND=jax python examples/bert_wikitext2.py --data-dir ../shared/data --preset demo
+    KERAS_BACKEND=jax python examples/bert_wikitext2.py --preset demo
     # CPU scale (4 layers x 4 heads, hidden 256, seq 128), the run in benchmarks/RESULTS.md:
-    python examples/bert_wikitext2.py --data-dir ../shared/data --batch-size 8 --epochs 4 --steps-per-epoch 20 \
+    python examples/bert_wikitext2.py --batch-size 8 --epochs 4 --steps-per-epoch 20 \
         --val-samples 128 --probe-every 10 --probe-samples 8
     # ntk_output "sum" vs "loss" (MAT only; add the variants to reuse the comparison's MAT run):
-    python examples/bert_wikitext2.py --data-dir ../shared/data --preset demo --epochs 6 --variants "" --ablation
+    python examples/bert_wikitext2.py --preset demo --epochs 6 --variants "" --ablation
 
 A BERT built from a keras-hub config (`keras_hub.models.BertBackbone`, no
 pretrained weights) in a `keras_hub.models.BertMaskedLM`, trained from scratch
-on masked-token prediction. Data (`wikitext.py`): a WordPiece vocabulary
-learned from the training text and cached in `--cache-dir`; the
-`BertMaskedLMPreprocessor`'s packer and masker with seeded masking, so every
-run and every backend sees the same masked tokens. Offline (`--data-dir`) it
-trains on the WikiText-2 *test* split and validates on the valid split (the
-offline copy has no train split); online (no `--data-dir`) it downloads the
-official archive and uses the standard train / valid splits.
+on masked-token prediction. Data (`benchmarks/harness/wikitext.py`): a
+WordPiece vocabulary learned from the training text and cached in
+`--cache-dir`; the `BertMaskedLMPreprocessor`'s packer and masker with seeded
+masking, so every run and every backend sees the same masked tokens. By
+default it downloads the official WikiText-2 raw archive (`keras.utils.get_file`
+with its sha256) and uses the standard train / valid splits. `--data-dir`
+names an offline folder holding `wikitext-2-raw/wiki.test.raw` and
+`wiki.valid.raw`; it then trains on the *test* split and validates on the
+valid split.
 
-`keras_mat.annotate(model)` makes every attention head a module (and each
-remaining Dense layer a whole-layer module); `--embeddings-norms` also puts
-the embeddings and layer norms under MAT. The comparison metric is the
+Needs keras-hub, TensorFlow and tensorflow-text on every backend
+(`pip install "keras-mat[hub]"`): the WordPiece vocabulary is learned with
+tensorflow-text and the data is tokenized with tf.data.
+
+`keras_mat.annotate(model)` makes every attention head a module;
+`--embeddings-norms` also puts the embeddings and layer norms under MAT. The comparison metric is the
 validation masked-LM cross-entropy `val_mlm_loss` (lower is better; its exp
 is the perplexity), averaged over the real masked tokens; the masked-token
 accuracy is logged as `val_accuracy`. `--ablation` runs MAT with
@@ -34,11 +39,12 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The comparison harness and the WikiText-2 pipeline live in benchmarks/harness.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "harness"))
 
-import wikitext  # noqa: E402  (examples/wikitext.py)
+import wikitext  # noqa: E402  (benchmarks/harness/wikitext.py)
 
-# CPU scale of issue #7: 4 layers x 4 heads, hidden 256, sequence 128, ~8000 WordPieces.
+# CPU scale: 4 layers x 4 heads, hidden 256, sequence 128, ~8000 WordPieces.
 DEFAULTS = {**wikitext.DEFAULTS, **dict(layers=4, heads=4, hidden=256, epochs=3, lr=5e-4)}
 DEFAULTS["out_dir"] = "results/bert_wikitext2"
 # `make demo`: about 2 minutes on 2 CPU cores on JAX (all four variants).

@@ -1,15 +1,18 @@
 """Switch-style MoE masked LM on WikiText-2: plain vs MAT vs "Rand" vs Multirate (modules = experts and heads).
 
-    KERAS_BACKEND=jax python examples/moe_wikitext2.py --data-dir ../shared/data --preset demo
-    python examples/moe_wikitext2.py --data-dir ../shared/data --batch-size 16 --epochs 4 --steps-per-epoch 20 \
+    KERAS_BACKEND=jax python examples/moe_wikitext2.py --preset demo
+    python examples/moe_wikitext2.py --batch-size 16 --epochs 4 --steps-per-epoch 20 \
         --val-samples 128 --probe-every 10 --probe-samples 8
 
 A small pre-LayerNorm transformer encoder whose feed-forward blocks are
 top-1 routed mixtures of experts (`SwitchFeedForward`, after Fedus et al.,
 "Switch Transformers", 2021), trained from scratch with the **masked-LM**
 objective on the same data, vocabulary and seeded masking as
-`bert_wikitext2.py` (see `wikitext.py`; offline it trains on the WikiText-2
-*test* split and validates on the valid split).
+`bert_wikitext2.py` (see `benchmarks/harness/wikitext.py`: the official
+archive by default; with `--data-dir`, an offline copy, trained on the
+WikiText-2 *test* split and validated on the valid split). Like it, it needs
+keras-hub, TensorFlow and tensorflow-text on every backend
+(`pip install "keras-mat[hub]"`).
 
 `SwitchFeedForward` has an int `num_experts` attribute and stacks every
 expert weight on axis 0, `(num_experts, ...)`, so `keras_mat.annotate(model)`
@@ -45,10 +48,11 @@ import math
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The comparison harness and the WikiText-2 pipeline live in benchmarks/harness.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "harness"))
 
 import keras  # noqa: E402
-import wikitext  # noqa: E402  (examples/wikitext.py)
+import wikitext  # noqa: E402  (benchmarks/harness/wikitext.py)
 from keras import ops  # noqa: E402
 
 DEFAULTS = {**wikitext.DEFAULTS, **dict(layers=2, heads=4, hidden=128, experts=4, epochs=3, lr=1e-3)}

@@ -1,24 +1,27 @@
 """VGG on CIFAR-10: plain training vs MAT vs "Rand" vs Multirate (modules = conv filters).
 
-    KERAS_BACKEND=jax python examples/vgg_cifar10.py --data-dir ../shared/data --preset demo
-    python examples/vgg_cifar10.py --data-dir ../shared/data --depth 11 --width 0.5 --train-samples 20000 --epochs 4
+    KERAS_BACKEND=jax python examples/vgg_cifar10.py --preset demo
+    python examples/vgg_cifar10.py --depth 11 --width 0.5 --train-samples 20000 --epochs 4
+    python examples/vgg_cifar10.py --data-dir /path/to/data --preset demo   # offline copy
 
-Offline (`--data-dir`) it reads the CIFAR-10 JPEG archive
-`<data-dir>/cifar10-jpeg/cifar-10-jpeg-q75.zip`, decodes the selected images
-and caches them as `.npz` in `--cache-dir`; without `--data-dir` it uses
-`keras.datasets.cifar10.load_data()` (downloads). Both splits are shuffled
-with `--seed` (the archive is grouped by class) before the `--train-samples`
-subset and the `--val-samples` validation subset (of the test split) are
-taken.
+By default it loads CIFAR-10 with `keras.datasets.cifar10.load_data()`, which
+downloads the official archive once (and checks its hash). Offline,
+`--data-dir` names a folder holding `cifar10-jpeg/cifar-10-jpeg-q75.zip`, a zip
+of the CIFAR-10 images as JPEG files (`cifar-10-jpeg/{train,test}/<class>/N.jpg`;
+see docs/data.md); the selected images are decoded with Pillow and cached as
+`.npz` in `--cache-dir`. Both splits are shuffled with `--seed` before the
+`--train-samples` subset and the `--val-samples` validation subset (of the
+test split) are taken.
 
 The model is VGG11 or VGG16 (`--depth`), channels scaled by `--width`,
-optional BatchNorm, with standard augmentation inside the model (random
-horizontal flip and a random translation of up to 4 pixels, active only in
-training). `keras_mat.annotate` makes every conv filter a module (per-layer
-threshold scope, the default for filters) and the classifier a whole-layer
-module. `--ablation` also runs MAT with `ntk_output` "logits", "sum" and
-"loss" and compares the modules each one chooses (the comparison's own MAT
-run stands for its `--ntk-output`).
+optional BatchNorm. The standard augmentation (random horizontal flip and a
+random translation of up to 4 pixels) runs in the data pipeline, a
+`keras.utils.PyDataset` in numpy, so the example needs no TensorFlow on JAX
+or PyTorch. `keras_mat.annotate` makes every conv filter a module, with a
+threshold per layer (the default scope for filters). `--ablation` also runs
+MAT with `ntk_output` "logits", "sum" and "loss" and compares the modules
+each one chooses (the comparison's own MAT run stands for its
+`--ntk-output`).
 
 Runs unchanged under KERAS_BACKEND=jax, tensorflow or torch.
 """
@@ -32,9 +35,11 @@ import os
 import sys
 import zipfile
 
+import keras
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The comparison harness (plain / MAT / Rand / Multirate) lives in benchmarks/harness.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "harness"))
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 ARCHIVE = os.path.join("cifar10-jpeg", "cifar-10-jpeg-q75.zip")
@@ -190,24 +195,40 @@ def load_cifar10(data_dir=None, cache_dir=None, train_samples=None, val_samples=
     return (x_train, y_train), (x_val, y_val)
 
 
-def augmented_dataset(x, y, batch_size, seed):
-    """Shuffled, batched tf.data pipeline with the standard CIFAR augmentation
-    as Keras preprocessing layers: random horizontal flip and a random
-    translation by up to 4 pixels (zero fill), drawn per image. (In the
-    model, RandomTranslation would turn off XLA compilation on JAX.)"""
-    import keras
-    import tensorflow as tf
+class AugmentedImages(keras.utils.PyDataset):
+    """Shuffled batches of `(images, labels)` with the standard CIFAR augmentation, drawn per
+    image in numpy: a random horizontal flip and a random translation by up to `shift` pixels
+    (zero fill). Batches are float32 numpy arrays, so every backend trains on them without
+    TensorFlow. The order and the augmentation depend only on `seed` and the epoch, so every
+    variant of a comparison sees the same batches. The last partial batch is dropped.
+    """
 
-    flip = keras.layers.RandomFlip("horizontal", seed=seed)
-    shift = keras.layers.RandomTranslation(0.125, 0.125, fill_mode="constant", seed=seed + 1)
+    def __init__(self, x, y, batch_size, seed, shift=4):
+        super().__init__()
+        self.x, self.y, self.batch_size, self.seed, self.shift = x, y, int(batch_size), seed, shift
+        self.epoch = 0
+        self._order = np.random.default_rng([seed, 0]).permutation(len(x))
 
-    def augment(images, labels):
-        images = shift(flip(tf.cast(images, "float32"), training=True), training=True)
-        return images, labels
+    def __len__(self):
+        return len(self.x) // self.batch_size
 
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed)
-    ds = ds.batch(batch_size, drop_remainder=True).map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    def __getitem__(self, i):
+        index = self._order[i * self.batch_size : (i + 1) * self.batch_size]
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        images = self.x[index].astype("float32")
+        flip = rng.random(len(index)) < 0.5
+        images[flip] = images[flip, :, ::-1]
+        s = self.shift
+        padded = np.pad(images, ((0, 0), (s, s), (s, s), (0, 0)))
+        rows, cols = images.shape[1:3]
+        out = np.empty_like(images)
+        for k, (dy, dx) in enumerate(rng.integers(0, 2 * s + 1, size=(len(index), 2))):
+            out[k] = padded[k, dy : dy + rows, dx : dx + cols]
+        return out, self.y[index]
+
+    def on_epoch_end(self):
+        self.epoch += 1
+        self._order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.x))
 
 
 # --------------------------------------------------------------------------------------
@@ -236,7 +257,7 @@ def _numpy_fan_in_normal(scale):
 def build_vgg(depth=11, width=0.5, batch_norm=True, num_classes=10):
     """VGG for 32x32 inputs: 3x3 convs (channels x `width`), 5 max-pools,
     one Dense classifier. Inputs are images in [0, 255]; the model normalises
-    them (augmentation is in the data pipeline, `augmented_dataset`)."""
+    them (augmentation is in the data pipeline, `AugmentedImages`)."""
     import keras
 
     inp = keras.Input((32, 32, 3), name="image")
@@ -362,7 +383,7 @@ def main(argv=None):
     x_val = x_val.astype("float32")
 
     def train_data():  # a fresh pipeline per variant: the same order and augmentation
-        return augmented_dataset(x_train, y_train, args.batch_size, args.seed)
+        return AugmentedImages(x_train, y_train, args.batch_size, args.seed)
 
     results = {}
     if args.variants:

@@ -1,8 +1,9 @@
-"""The examples and their comparison harness (examples/common.py) run end to
+"""The examples and the comparison harness they use (benchmarks/harness/common.py) run end to
 end at a tiny size on every backend."""
 
 import json
 import os
+import subprocess
 import sys
 
 import keras
@@ -13,8 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "..", "shared", "data")
 
 sys.path.insert(0, os.path.join(ROOT, "examples"))
-
-import common  # noqa: E402  (examples/common.py)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks", "harness"))
 
 
 def _arrays(n, seed):
@@ -32,6 +32,8 @@ def _tiny_cnn():
 
 
 def test_compare_runs_all_variants_and_writes_results(tmp_path):
+    import common  # benchmarks/harness/common.py
+
     out = tmp_path / "cmp"
     results = common.compare(
         _tiny_cnn,
@@ -75,6 +77,8 @@ def test_compare_runs_all_variants_and_writes_results(tmp_path):
 
 
 def test_compare_rejects_bad_arguments(tmp_path):
+    import common
+
     kw = dict(optimizer_fn=keras.optimizers.Adam, mat_options={}, epochs=1, out_dir=str(tmp_path), verbose=0)
     data = _arrays(8, 0)
     with pytest.raises(ValueError, match="variants"):
@@ -103,9 +107,12 @@ def test_vgg_cifar10_example_runs_offline(tmp_path):
     ]  # fmt: skip
     results = vgg_cifar10.main(argv)
     assert list(results) == ["mat"]
-    # VGG11: 8 conv layers of filters (64 x 0.0625 = 4 in the first) and the classifier.
+    # VGG11: 8 conv layers of filter modules (64 x 0.0625 = 4 in the first); the classifier is
+    # in no module.
     families = results["mat"]["final_active"]
-    assert len(families) == 9 and len(families["conv1/filters"]) == 4 and len(families["classifier"]) == 1
+    assert (
+        sorted(families) == [f"conv{i}/filters" for i in range(1, 9)] and len(families["conv1/filters"]) == 4
+    )
     for r in results.values():
         assert 0.0 <= r["final"] <= 1.0 and r["train_flops"] > 0
     assert os.path.getsize(tmp_path / "out" / "results.md") > 100
@@ -114,6 +121,60 @@ def test_vgg_cifar10_example_runs_offline(tmp_path):
     (b, yb), _ = vgg_cifar10.load_cifar10(DATA, str(tmp_path / "cache2"), 256, 128, 0, 0)
     np.testing.assert_array_equal(a, b)
     assert len(set(yb.tolist())) == 10  # shuffled: every class among the first 256
+
+
+def _find_augmentation(source, image, shift):
+    """(flipped, dy, dx) such that `image` is `source`, maybe flipped, moved by (dy, dx) with
+    zero fill; None if no such move gives `image`."""
+    rows, cols = source.shape[:2]
+    for flipped in (False, True):
+        moved = source[:, ::-1] if flipped else source
+        padded = np.pad(moved, ((shift, shift), (shift, shift), (0, 0)))
+        for dy in range(2 * shift + 1):
+            for dx in range(2 * shift + 1):
+                if np.array_equal(padded[dy : dy + rows, dx : dx + cols], image):
+                    return flipped, dy - shift, dx - shift
+    return None
+
+
+def test_vgg_augmentation_is_seeded_flip_and_shift():
+    import vgg_cifar10
+
+    rng = np.random.RandomState(0)
+    x = rng.randint(1, 256, size=(40, 8, 8, 3)).astype("uint8")  # no zero pixel: fill is visible
+    y = np.arange(40, dtype="int32")
+    data = vgg_cifar10.AugmentedImages(x, y, batch_size=16, seed=3, shift=2)
+    assert len(data) == 2  # whole batches only
+    images, labels = data[1]
+    assert images.shape == (16, 8, 8, 3) and images.dtype == np.float32 and len(set(labels.tolist())) == 16
+    moves = [_find_augmentation(x[label].astype("float32"), image, 2) for image, label in zip(images, labels)]
+    assert all(m is not None for m in moves), moves
+    assert {m[0] for m in moves} == {False, True} and len({m[1:] for m in moves}) > 4
+    again, again_labels = vgg_cifar10.AugmentedImages(x, y, batch_size=16, seed=3, shift=2)[1]
+    np.testing.assert_array_equal(images, again)  # same seed and epoch: the same batch
+    np.testing.assert_array_equal(labels, again_labels)
+    data.on_epoch_end()
+    assert not np.array_equal(data[1][1], labels)  # a new order each epoch
+
+
+@pytest.mark.skipif(
+    keras.config.backend() == "tensorflow", reason="checks that JAX and PyTorch runs import no TensorFlow"
+)
+def test_vgg_training_data_needs_no_tensorflow():
+    code = (
+        "import sys, numpy as np; sys.path.insert(0, 'examples'); import vgg_cifar10; "
+        "x = np.zeros((64, 32, 32, 3), 'uint8'); y = np.zeros(64, 'int32'); "
+        "model = vgg_cifar10.build_vgg(11, 0.0625); "
+        "model.compile('adam', 'sparse_categorical_crossentropy'); "
+        "model.fit(vgg_cifar10.AugmentedImages(x, y, 32, 0), epochs=1, verbose=0); "
+        "print('tensorflow' in sys.modules)"
+    )
+    env = dict(os.environ, KERAS_BACKEND=keras.config.backend())
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-1] == "False"
 
 
 # --------------------------------------------------------------------------------------
