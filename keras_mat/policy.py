@@ -336,23 +336,39 @@ def modular_masks(lambda_max, frozen, alpha, scopes):
     ]
 
 
-def temporal_stop(lambda_max, state, beta, warmup=1, eps=1e-12):
+def temporal_stop(lambda_max, state, beta, warmup=1, eps=1e-12, period=1):
     """The temporal policy: permanent stopping of modules whose mNTK stopped moving.
 
-    With `r = state.measurement` and `Delta(r) = |lambda_max - lambda_init|`:
-    at `r = 0`, `lambda_init := lambda_max`; at `r = 1`,
-    `delta_first := Delta(1)`. A module is frozen when
-    `r >= max(2, warmup)`, it was updated during the last interval
-    (`state.masks == 1`) and
-    `|Delta(r) - delta_prev| / max(delta_first, eps) < beta`. Frozen modules
-    never unfreeze. Finally `delta_prev := Delta(r)` for every module.
+    The paper's formula (7): with `Delta(t) = |lambda_max(t) - lambda_max(0)|`,
+    a module that was updated is stopped for good when
+    `|Delta(t) - Delta(t - 1)| / Delta(1) < beta`. Here `t` counts *temporal
+    steps* of `period` measurements each: with `r = state.measurement`,
+    `t = r / period`, and the rule is evaluated only at the measurements
+    `r = t * period`.
+
+    - At `r = 0`, `lambda_init := lambda_max`.
+    - At `r = period` (t = 1), `delta_first := Delta`: the drift over the whole
+      first temporal step.
+    - At every `r = t * period` with `r >= max(2 * period, warmup)`, an alive
+      module that was updated during the last interval (`state.masks == 1`)
+      is frozen when `|Delta(r) - delta_prev| / max(delta_first, eps) < beta`.
+      Frozen modules never unfreeze.
+    - At every `r = t * period`, `delta_prev := Delta(r)`; in between, the
+      state's temporal quantities are unchanged.
+
+    `period=1` is the per-measurement reading (`t` counts measurements).
+    `period = steps_per_epoch / probe_every` makes `t` count epochs (see
+    `temporal_period`), the reading under which the rule stops modules during
+    training.
 
     Args:
         lambda_max: List of float (G,) tensors, one per family. Must be finite.
         state: The `PolicyState` before this measurement.
         beta: Tolerance `> 0` (a float or a scalar tensor).
-        warmup: Int; no temporal stopping while `r < max(2, warmup)`.
+        warmup: Int; no temporal stopping while `r < max(2 * period, warmup)`.
         eps: Floor of the `delta_first` denominator.
+        period: Measurements per temporal step: an int `>= 1` or an int32
+            scalar tensor.
 
     Returns:
         A tuple `(frozen, lambda_init, delta_prev, delta_first)` of lists of
@@ -381,10 +397,14 @@ def temporal_stop(lambda_max, state, beta, warmup=1, eps=1e-12):
         delta_first=delta_first,
     )
     r = ops.cast(state.measurement, "int32")
+    period = ops.maximum(ops.cast(period, "int32"), 1)
     beta = ops.cast(beta, "float32")
     is_first = ops.equal(r, 0)
-    is_second = ops.equal(r, 1)
-    may_stop = ops.greater_equal(r, ops.maximum(ops.cast(warmup, "int32"), 2))
+    on_step = ops.equal(ops.mod(r, period), 0)
+    is_second = ops.equal(r, period)
+    may_stop = ops.logical_and(
+        on_step, ops.greater_equal(r, ops.maximum(ops.cast(warmup, "int32"), 2 * period))
+    )
     out = ([], [], [], [])
     for i in range(n):
         init = ops.where(is_first, lambda_max[i], lambda_init[i])
@@ -394,12 +414,12 @@ def temporal_stop(lambda_max, state, beta, warmup=1, eps=1e-12):
         stop = ops.logical_and(ops.logical_and(may_stop, updated[i] > 0.0), change < beta)
         out[0].append(ops.where(stop, 1.0, frozen[i]))
         out[1].append(init)
-        out[2].append(delta)
+        out[2].append(ops.where(on_step, delta, delta_prev[i]))
         out[3].append(first)
     return out
 
 
-def policy_update(lambda_max, state, alpha, beta, scopes, warmup=1, eps=1e-12):
+def policy_update(lambda_max, state, alpha, beta, scopes, warmup=1, eps=1e-12, period=1):
     """One MAT measurement: temporal stopping, then the modular masks.
 
     Pure and trace-safe (see the module docstring). If any `lambda_max` is
@@ -419,6 +439,9 @@ def policy_update(lambda_max, state, alpha, beta, scopes, warmup=1, eps=1e-12):
         warmup: Static int `>= 0`: every alive module is updated while
             `r < warmup`, and no module is stopped while `r < max(2, warmup)`.
         eps: Floor of the `delta_first` denominator.
+        period: Measurements per temporal step of the temporal policy (see
+            `temporal_stop` and `temporal_period`); 1 evaluates the rule at
+            every measurement.
 
     Returns:
         The new `PolicyState`: `(masks, frozen, lambda_init, delta_prev,
@@ -437,7 +460,9 @@ def policy_update(lambda_max, state, alpha, beta, scopes, warmup=1, eps=1e-12):
     # Non-finite entries are zeroed before any arithmetic so that nothing
     # non-finite is ever computed, even in the branch `ok` discards.
     safe = [ops.where(ops.isfinite(v), v, 0.0) for v in lambda_max]
-    frozen, lambda_init, delta_prev, delta_first = temporal_stop(safe, state, beta, warmup=warmup, eps=eps)
+    frozen, lambda_init, delta_prev, delta_first = temporal_stop(
+        safe, state, beta, warmup=warmup, eps=eps, period=period
+    )
     masks = modular_masks(safe, frozen, alpha, scopes)
     r = ops.cast(state.measurement, "int32")
     in_warmup = ops.less(r, ops.cast(warmup, "int32"))

@@ -260,8 +260,9 @@ def test_non_finite_first_measurement_does_not_set_lambda_init():
     _assert_same(new, state)
 
 
-def _reference(script, kinds_scopes, alpha, beta, warmup, eps=1e-12):
-    """Plain numpy MAT, straight from the spec, one module at a time."""
+def _reference(script, kinds_scopes, alpha, beta, warmup, eps=1e-12, period=1):
+    """Plain numpy MAT, straight from the spec, one module at a time; the
+    temporal rule at every `period`-th measurement (t = r / period)."""
     sizes = [len(f) for f in script[0]]
     n = len(sizes)
     frozen = [np.zeros(g) for g in sizes]
@@ -276,10 +277,12 @@ def _reference(script, kinds_scopes, alpha, beta, warmup, eps=1e-12):
             if r == 0:
                 init[i] = lam.copy()
             delta = np.abs(lam - init[i])
-            if r == 1:
+            if r % period:
+                continue
+            if r == period:
                 first[i] = delta.copy()
             for j in range(sizes[i]):
-                if r >= max(2, warmup) and masks[i][j] == 1 and not frozen[i][j]:
+                if r >= max(2 * period, warmup) and masks[i][j] == 1 and not frozen[i][j]:
                     if abs(delta[j] - prev[i][j]) / max(first[i][j], eps) < beta:
                         frozen[i][j] = 1
             prev[i] = delta
@@ -306,7 +309,7 @@ def _reference(script, kinds_scopes, alpha, beta, warmup, eps=1e-12):
     return out
 
 
-def _random_script(seed):
+def _random_script(seed, length=7):
     rng = np.random.default_rng(seed)
     sizes = [4, 3, 5, 2]
     base = [rng.uniform(1, 10, g) for g in sizes]
@@ -315,7 +318,7 @@ def _random_script(seed):
     # modules, linear drift (relative change 1 > beta, never stops) for others.
     linear = [rng.uniform(size=g) < 0.4 for g in sizes]
     script = []
-    for r in range(7):
+    for r in range(length):
         script.append(
             [
                 np.round(b + d * np.where(lin, r, 1 - 0.5**r), 3).astype("float32")
@@ -346,6 +349,52 @@ def test_matches_numpy_reference(threshold_scope):
     assert stopped[2] == 0 and 0 < stopped[3] <= stopped[-1] < sum(len(f) for f in script[0])
 
 
+@pytest.mark.parametrize("period", [2, 3])
+def test_period_matches_numpy_reference(period):
+    # t counts `period` measurements: Delta(1) is the drift over the first
+    # `period` measurements and the rule only runs at r = t * period.
+    scopes = P.scope_ids(["head", "filter", "head", "filter"])
+    script = _random_script(2, length=4 * period + 2)
+    expected = _reference(script, scopes, alpha=0.4, beta=0.3, warmup=2, period=period)
+    state = P.initial_state([len(f) for f in script[0]])
+    stops = []
+    for r, lams in enumerate(script):
+        state = P.policy_update(_lams(*lams), state, 0.4, 0.3, scopes=scopes, warmup=2, period=period)
+        masks, frozen = _np(state)[:2]
+        for got, exp in zip(masks, expected[r][0]):
+            np.testing.assert_array_equal(got, exp)
+        for got, exp in zip(frozen, expected[r][1]):
+            np.testing.assert_array_equal(got, exp)
+        stops.append(sum(int(f.sum()) for f in frozen))
+    # Nothing stops before t = 2; stops happen only on t boundaries.
+    assert stops[2 * period - 1] == 0 and stops[-1] > 0
+    changes = [r for r in range(1, len(stops)) if stops[r] != stops[r - 1]]
+    assert changes and all(r % period == 0 for r in changes)
+
+
+def test_period_equals_subsampled_per_measurement_reading():
+    # With every module updated (alpha = 0), the rule at period W over a
+    # script freezes what period 1 freezes over every W-th measurement.
+    script = _random_script(3, length=13)
+    period = 3
+    sizes = [len(f) for f in script[0]]
+    update = functools.partial(P.policy_update, alpha=0.0, beta=0.3, scopes=[0, 0, 0, 0], warmup=1)
+    state_w, state_1 = P.initial_state(sizes), P.initial_state(sizes)
+    for r, lams in enumerate(script):
+        state_w = update(_lams(*lams), state_w, period=period)
+        if r % period == 0:
+            state_1 = update(_lams(*lams), state_1)
+            for a, b in zip(_np(state_w)[1], _np(state_1)[1]):
+                np.testing.assert_array_equal(a, b)
+    assert sum(int(f.sum()) for f in _np(state_w)[1]) > 0
+
+
+def test_period_one_is_the_per_measurement_reading():
+    update = functools.partial(P.policy_update, scopes=P.scope_ids(KINDS), **CONFIG)
+    for a, b in zip(_run_script(update), _run_script(functools.partial(update, period=1))):
+        _assert_same(a, b)
+
+
 def _compiled_variants(fn):
     """(name, compiled fn) pairs for the active backend; torch runs eager only."""
     if BACKEND == "jax":
@@ -372,6 +421,16 @@ def test_compiled_matches_eager():
         for a, b in zip(states, eager):
             _assert_same(a, b)
         _assert_same(compiled(bad, eager[2]), eager[2])
+    # A period given as a tensor argument of the compiled function.
+    script = _random_script(2, length=8)
+    scopes = P.scope_ids(["head", "filter", "head", "filter"])
+    periodic = functools.partial(P.policy_update, alpha=0.4, beta=0.3, scopes=scopes, warmup=2)
+    for _, compiled in _compiled_variants(periodic):
+        a = b = P.initial_state([len(f) for f in script[0]])
+        for lams in script:
+            a = compiled(_lams(*lams), a, period=ops.convert_to_tensor(2, "int32"))
+            b = periodic(_lams(*lams), b, period=2)
+            _assert_same(a, b)
     for _, compiled in _compiled_variants(P.all_finite):
         assert not bool(ops.convert_to_numpy(compiled(bad)))
     mask_fn = functools.partial(P.expand_mask, shape=(2, 6, 3), axis=1)
