@@ -1,5 +1,13 @@
 """Baselines of the MAT paper as mask schedules: "Rand" and Multirate.
 
+Two Rand controls are offered. `RandomModules` is the compute-matched one:
+given MAT's own active fraction after each measurement it updates as many
+random modules as MAT does, so it isolates *which* modules MAT picks (the
+stricter control). `PaperRand` is Rand as the paper runs it: a fixed share
+of random modules, redrawn throughout training and never stopped for good,
+so it is not matched to MAT's compute and, once MAT's temporal policy has
+stopped modules, it trains more than MAT.
+
 A mask schedule decides, on the host and before each training step, which
 modules the step updates. Pass one as the policy of the MAT optimizer:
 
@@ -35,6 +43,33 @@ def _is_int(x):
 
 def _count(fraction, n):
     return int(min(n, math.floor(fraction * n + 0.5)))
+
+
+def _check_masks_args(schedule, step, families):
+    """`(step as int, [(name, n), ...])`, or a clear error naming the argument."""
+    name = type(schedule).__name__
+    if not _is_int(step) or step < 0:
+        raise ValueError(f"{name}.masks: `step` must be an int >= 0. Received: step={step!r}")
+    if isinstance(families, (str, bytes)) or not isinstance(families, (list, tuple)):
+        raise TypeError(
+            f"{name}.masks: `families` must be a list of (family name, num_modules) pairs. "
+            f"Received: families={families!r}"
+        )
+    out = []
+    for entry in families:
+        if (
+            not isinstance(entry, (list, tuple))
+            or len(entry) != 2
+            or not isinstance(entry[0], str)
+            or not _is_int(entry[1])
+            or entry[1] < 1
+        ):
+            raise ValueError(
+                f"{name}.masks: every entry of `families` must be a (name, num_modules >= 1) pair. "
+                f"Received: families entry={entry!r}"
+            )
+        out.append((entry[0], int(entry[1])))
+    return int(step), out
 
 
 def _check_fraction_list(value, where):
@@ -156,6 +191,7 @@ class RandomModules(MaskSchedule):
         return values[min(change, len(values) - 1)]
 
     def masks(self, step, families):
+        step, families = _check_masks_args(self, step, families)
         names = [name for name, _ in families]
         if isinstance(self._fractions, dict):
             unknown = sorted(set(self._fractions) - set(names))
@@ -164,7 +200,7 @@ class RandomModules(MaskSchedule):
                     f"RandomModules: `fractions` names unknown module families {unknown}; "
                     f"known families: {names}. Received: fractions keys={sorted(self._fractions)}"
                 )
-        change = int(step) // self.every
+        change = step // self.every
         out = []
         for index, (name, n) in enumerate(families):
             fraction = self.fraction_at(change, name)
@@ -226,7 +262,7 @@ class Multirate(MaskSchedule):
     """
 
     def __init__(self, fast_fraction=0.5, k=4, seed=0, slow_lr_scale=None):
-        if not _is_number(fast_fraction) or not 0.0 <= float(fast_fraction) <= 1.0:
+        if not _is_number(fast_fraction) or not 0.0 <= float(fast_fraction) <= 1.0:  # NaN fails too
             raise ValueError(
                 f"`fast_fraction` must be a float in [0, 1]. Received: fast_fraction={fast_fraction!r}"
             )
@@ -269,7 +305,8 @@ class Multirate(MaskSchedule):
         return out
 
     def masks(self, step, families):
-        slow_step = int(step) % self.k == 0
+        step, families = _check_masks_args(self, step, families)
+        slow_step = step % self.k == 0
         out = []
         for fast in self.fast_modules(families):
             mask = fast.astype("float32")
@@ -285,3 +322,54 @@ class Multirate(MaskSchedule):
             "seed": self.seed,
             "slow_lr_scale": self.slow_lr_scale,
         }
+
+
+@keras.saving.register_keras_serializable(package="keras_mat")
+class PaperRand(RandomModules):
+    """ "Rand" as the MAT paper runs it: a fixed share of random modules.
+
+    Every `every` steps (by default every step) it draws, uniformly at
+    random and independently per family, `round(fraction * num_modules)`
+    modules of each family to update; the others are masked (parameters and
+    optimizer slots unchanged) until the next draw. The share never changes
+    and no module is ever stopped for good, and no lambda_max probe runs.
+
+    This is the paper's control, not the compute-matched one: its share does
+    not follow MAT's active fraction over time, so once MAT's temporal policy
+    has stopped modules, a Rand at MAT's early share trains more modules (and
+    spends more FLOPs) than MAT. `RandomModules` fed with MAT's fraction
+    after each measurement is the stricter, compute-matched comparison; run
+    both to see both comparisons.
+
+    Redrawing often changes the set of variables whose modules are all off,
+    so with few modules per family (e.g. one-module whole-layer families)
+    `every=1` can cost a compile per new skip set on JAX/TensorFlow; a
+    larger `every` trades redraw frequency for fewer compiles.
+
+    Args:
+        fraction: Float in `[0, 1]`: the share of each family's modules
+            updated between draws.
+        every: Int >= 1: steps between draws.
+        seed: Int seed of the draws.
+
+    Raises:
+        ValueError: on a `fraction` outside `[0, 1]` (or NaN), a
+            non-positive `every` or a non-int `seed`.
+
+    Example:
+
+    >>> schedule = PaperRand(0.5, seed=0)
+    >>> [int(m.sum()) for m in schedule.masks(0, [("heads", 4), ("filters", 6)])]
+    [2, 3]
+    >>> schedule.masks(0, [("heads", 4)])[0].tolist() != schedule.masks(1, [("heads", 4)])[0].tolist()
+    True
+    """
+
+    def __init__(self, fraction=0.5, every=1, seed=0):
+        if not _is_number(fraction) or not 0.0 <= float(fraction) <= 1.0:  # NaN fails too
+            raise ValueError(f"`fraction` must be a float in [0, 1]. Received: fraction={fraction!r}")
+        super().__init__(float(fraction), every=every, seed=seed)
+        self.fraction = float(fraction)
+
+    def get_config(self):
+        return {"fraction": self.fraction, "every": self.every, "seed": self.seed}

@@ -7,7 +7,7 @@ import pytest
 
 import keras_mat
 from keras_mat import flops
-from keras_mat.baselines import Multirate, RandomModules
+from keras_mat.baselines import Multirate, PaperRand, RandomModules
 from keras_mat.reference import module_selector
 from keras_mat.training import find_mat_optimizer
 from tests import models
@@ -48,7 +48,8 @@ class _Trace(keras.callbacks.Callback):
 
 
 def _fit(schedule, inner=None, steps=8, seed_weights=0):
-    model = models.set_weights_deterministic(keras_mat.annotate(models.cnn()), seed=seed_weights)
+    # dense=True: the one-module classifier family is switched off whole at low fractions.
+    model = models.set_weights_deterministic(keras_mat.annotate(models.cnn(), dense=True), seed=seed_weights)
     model.compile(
         optimizer=keras_mat.wrap(inner or keras.optimizers.Adam(1e-2), policy=schedule, ntk_output="sum"),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -178,7 +179,11 @@ def test_multirate_fast_every_step_slow_every_k_steps():
 
 
 def test_schedule_serializes_with_the_optimizer():
-    for schedule in (RandomModules([1.0, 0.3], every=5, seed=2), Multirate(0.25, k=2, slow_lr_scale=1.5)):
+    for schedule in (
+        RandomModules([1.0, 0.3], every=5, seed=2),
+        Multirate(0.25, k=2, slow_lr_scale=1.5),
+        PaperRand(0.4, every=3, seed=5),
+    ):
         opt = keras_mat.wrap(keras.optimizers.SGD(0.1), policy=schedule)
         config = keras.optimizers.serialize(opt)
         restored = keras.optimizers.deserialize(config)
@@ -198,11 +203,80 @@ def test_schedule_serializes_with_the_optimizer():
         (lambda: Multirate(k=0), "`k`"),
         (lambda: Multirate(slow_lr_scale=-1.0), "slow_lr_scale"),
         (lambda: keras_mat.wrap(keras.optimizers.SGD(), policy="rand"), "policy"),
+        (lambda: PaperRand(1.5), "fraction=1.5"),
+        (lambda: PaperRand(float("nan")), "fraction=nan"),
+        (lambda: PaperRand([0.5]), "fraction"),
+        (lambda: PaperRand(0.5, every=0), "every=0"),
+        (lambda: PaperRand(0.5, seed="a"), "seed='a'"),
+        (lambda: RandomModules(float("nan"), every=2), "fractions"),
+        (lambda: Multirate(fast_fraction=float("nan")), "fast_fraction"),
+        (lambda: Multirate(slow_lr_scale=float("inf")), "slow_lr_scale"),
+        (lambda: RandomModules(0.5, every=2).masks(-1, [("a", 2)]), "step=-1"),
+        (lambda: RandomModules(0.5, every=2).masks(1.5, [("a", 2)]), "step=1.5"),
+        (lambda: PaperRand(0.5).masks(0, [("a", 0)]), r"families entry=\('a', 0\)"),
+        (lambda: Multirate().masks(0, [("a",)]), "families entry"),
+        (lambda: Multirate().masks(0, [(1, 2)]), "families entry"),
     ],
 )
 def test_bad_arguments_raise(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_masks_families_must_be_a_list():
+    for schedule in (RandomModules(0.5, every=2), Multirate(), PaperRand()):
+        with pytest.raises(TypeError, match="families='ab'"):
+            schedule.masks(0, "ab")
+    # numpy ints are ints.
+    masks = PaperRand(0.5).masks(np.int64(3), [("a", np.int32(4))])
+    assert masks[0].shape == (4,) and masks[0].sum() == 2
+
+
+def test_paper_rand_fixed_share_redrawn_every_step():
+    fams = [("a", 4), ("b", 6), ("c", 1), ("d", 8)]
+    schedule = PaperRand(0.5, seed=11)
+    draws = []
+    for step in range(20):
+        masks = schedule.masks(step, fams)
+        for (_, n), m in zip(fams, masks):
+            assert m.dtype == np.float32 and set(np.unique(m)) <= {0.0, 1.0}
+            assert int(m.sum()) == int(np.floor(0.5 * n + 0.5)), (step, n, m)
+        draws.append(tuple(np.concatenate(masks)))
+    # Redrawn at every step: over 20 steps the 8-module family takes many subsets,
+    # and every module of it is updated at some step and masked at another.
+    d = np.array([x[11:] for x in draws])
+    assert len({tuple(r) for r in d}) > 10
+    assert np.all(d.max(axis=0) == 1.0) and np.all(d.min(axis=0) == 0.0)
+    # Pure function of (seed, step): resuming or another backend gives the same draws.
+    again = PaperRand(0.5, seed=11)
+    assert [tuple(np.concatenate(again.masks(s, fams))) for s in (7, 3, 19)] == [draws[s] for s in (7, 3, 19)]
+    assert tuple(np.concatenate(PaperRand(0.5, seed=12).masks(7, fams))) != draws[7]
+    # every=k keeps a draw for k steps; the share never changes over time.
+    slow = PaperRand(0.25, every=4, seed=0)
+    assert all(np.array_equal(slow.masks(s, fams)[3], slow.masks(s - s % 4, fams)[3]) for s in range(12))
+    assert [float(slow.masks(s, fams)[3].sum()) for s in (0, 100, 10_000)] == [2.0, 2.0, 2.0]
+    assert PaperRand(0.0).masks(0, fams)[0].sum() == 0 and PaperRand(1.0).masks(0, fams)[1].sum() == 6
+
+
+def test_paper_rand_fit_masked_modules_stay():
+    schedule = PaperRand(0.5, every=1, seed=4)
+    model, trace = _fit(schedule, steps=5)
+    fams = _families(model)
+    changed = 0
+    for step in range(5):
+        expected = dict(zip([n for n, _ in fams], schedule.masks(step, fams)))
+        for name, m in trace.masks[step].items():
+            np.testing.assert_array_equal(m, expected[name], err_msg=f"step {step} {name}")
+        moved = _moved(model, trace, step)
+        for name, m in expected.items():
+            assert not np.any(moved[name] & (m < 0.5)), f"step {step}: a masked module of {name} moved"
+            assert np.all(moved[name][m > 0.5]), f"step {step}: an updated module of {name} did not move"
+        if step and any(
+            not np.array_equal(a, b)
+            for a, b in zip(schedule.masks(step, fams), schedule.masks(step - 1, fams))
+        ):
+            changed += 1
+    assert changed >= 3  # redrawn during the run
 
 
 def test_schedule_needs_one_step_per_execution():
