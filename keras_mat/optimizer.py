@@ -20,17 +20,18 @@ import warnings
 import keras
 import numpy as np
 from keras import ops
-from keras.src import backend as keras_backend
-from keras.src.utils import tracking
 
 from keras_mat import groups as groups_lib
+from keras_mat import policy as policy_lib
+from keras_mat._keras_private import no_automatic_dependency_tracking
 from keras_mat.baselines import MaskSchedule
 from keras_mat.policy import expand_mask
 
 _NTK_OUTPUTS = ("auto", "logits", "sum", "loss")
 _THRESHOLD_SCOPES = ("auto", "global", "per_layer")
 _POLICIES = ("mat", None)
-_PROBES = ("fixed", "batch")
+# Policy state rewritten at each measurement, in `policy.PolicyState` field order.
+_POLICY_KEYS = ("mask", "frozen", "lambda_init", "delta_prev", "delta_first")
 
 # Order matters: it is the order of the variables in `optimizer.variables`,
 # which is how Keras saves and restores optimizer state.
@@ -60,6 +61,23 @@ def _optimizer_chain(optimizer):
         chain.append(optimizer)
         optimizer = getattr(optimizer, "inner_optimizer", None)
     return chain
+
+
+def _variables_at(by_path, path):
+    """The variables whose path is `path`, allowing for how Keras names
+    variables after loading: a reloaded Sequential model drops the model-name
+    prefix (`d1/kernel` for `sequential/d1/kernel`), and a renamed model
+    changes it. Falls back to the longest unambiguous common suffix of path
+    components."""
+    if path in by_path:
+        return by_path[path]
+    parts = path.split("/")
+    for start in range(1, len(parts)):
+        suffix = "/".join(parts[start:])
+        found = [v for p, vs in by_path.items() for v in vs if p == suffix or p.endswith("/" + suffix)]
+        if found:
+            return found
+    return []
 
 
 def _zero_filled(grads, values):
@@ -120,8 +138,11 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
             `None` to leave the masks to the user, or a mask schedule
             (`keras_mat.baselines.RandomModules`, `Multirate`) that sets the
             masks before each step (no lambda_max probe runs).
-        probe: `"fixed"` (one probe set drawn once) or `"batch"` (the current
-            training batch).
+        skip_gradients: Bool. While every module of a variable is masked or
+            frozen, `keras_mat.sync_trainable` (and `keras_mat.MATCallback`
+            inside `fit`) make the variable non-trainable, so that the train
+            step computes no weight gradient and no update for it. `False`
+            keeps every variable trainable (masks then only hold updates).
         name: Optional name of the optimizer.
         **kwargs: Only accepted for deserialisation compatibility; base
             optimizer arguments such as `weight_decay` or `clipnorm` belong on
@@ -152,11 +173,17 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         ntk_output="auto",
         threshold_scope="auto",
         policy="mat",
-        probe="fixed",
+        skip_gradients=True,
         name=None,
         **kwargs,
     ):
         families_config = kwargs.pop("families", None)
+        probe = kwargs.pop("probe", "fixed")  # older saved configs carry `probe="fixed"`
+        if probe != "fixed":
+            raise ValueError(
+                "The probe set is given to keras_mat.MATCallback (its first `probe_samples` samples); "
+                f"the optimizer takes no `probe` option. Received: probe={probe!r}"
+            )
         for arg_name in (
             "learning_rate",
             "weight_decay",
@@ -203,24 +230,28 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
             )
         if not _is_int(warmup) or warmup < 0:
             raise ValueError(f"`warmup` must be an int >= 0. Received: warmup={warmup!r}")
-        if ntk_output not in _NTK_OUTPUTS:
+        if not isinstance(ntk_output, str) or ntk_output not in _NTK_OUTPUTS:
             raise ValueError(
                 f"`ntk_output` must be one of {_NTK_OUTPUTS}. Received: ntk_output={ntk_output!r}"
             )
-        if threshold_scope not in _THRESHOLD_SCOPES:
+        if not isinstance(threshold_scope, str) or threshold_scope not in _THRESHOLD_SCOPES:
             raise ValueError(
                 f"`threshold_scope` must be one of {_THRESHOLD_SCOPES}. "
                 f"Received: threshold_scope={threshold_scope!r}"
             )
         if isinstance(policy, dict):  # a serialized schedule (from get_config)
             policy = keras.saving.deserialize_keras_object(policy)
-        if not isinstance(policy, MaskSchedule) and policy not in _POLICIES:
+        if not (
+            isinstance(policy, MaskSchedule)
+            or policy is None
+            or (isinstance(policy, str) and policy == "mat")
+        ):
             raise ValueError(
                 "`policy` must be 'mat', None or a keras_mat.baselines mask schedule. "
                 f"Received: policy={policy!r}"
             )
-        if probe not in _PROBES:
-            raise ValueError(f"`probe` must be one of {_PROBES}. Received: probe={probe!r}")
+        if not isinstance(skip_gradients, (bool, np.bool_)):
+            raise ValueError(f"`skip_gradients` must be a bool. Received: skip_gradients={skip_gradients!r}")
 
         super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = inner_optimizer
@@ -232,7 +263,7 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         self.ntk_output = ntk_output
         self.threshold_scope = threshold_scope
         self.policy = policy
-        self.probe = probe
+        self.skip_gradients = bool(skip_gradients)
         # Families recorded in a saved config, used to re-attach module
         # families to a loaded model's variables (which carry no annotation).
         self._families_config = families_config
@@ -257,7 +288,7 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         for spec in self._families_config:
             variables, axes = [], []
             for path, axis in spec["variables"]:
-                matches = by_path.get(path, [])
+                matches = _variables_at(by_path, path)
                 if len(matches) != 1:
                     raise ValueError(
                         f"Cannot re-attach module family {spec['name']!r}: "
@@ -344,7 +375,7 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         self._mat_build(var_list, families, slot_owner)
         super().build(var_list)
 
-    @tracking.no_automatic_dependency_tracking
+    @no_automatic_dependency_tracking
     def _mat_build(self, var_list, families, slot_owner):
         family_index = {id(g): i for i, g in enumerate(families)}
 
@@ -502,12 +533,13 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         """
         # Build first (TensorFlow builds lazily inside the first apply).
         if not self.built:
-            with keras_backend.name_scope(self.name, caller=self):
+            with keras.name_scope(self.name, caller=self):
                 self.build(trainable_variables)
             self.built = True
         if not self.families:
             self.inner_optimizer.apply(grads, trainable_variables)
             return
+        self._warn_if_undriven()
         tvars = self._trainable_variables
         grads = list(grads)
         if trainable_variables is None:
@@ -567,6 +599,11 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
                 f"{self.__class__.__name__}().variables. Received list with length "
                 f"{len(optimizer_variables)}, but expected {len(self.variables)} variables."
             )
+        trainable_variables = list(trainable_variables)
+        if len(trainable_variables) != len(self._trainable_variables):
+            return self._stateless_apply_subset(optimizer_variables, grads, trainable_variables)
+        if self.families:
+            self._warn_if_undriven()
         n_own = len(self._variables)
         own_values = optimizer_variables[:n_own]
         inner_values = optimizer_variables[n_own:]
@@ -598,6 +635,254 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         # (it passes `inner_optimizer.variables` inside its StatelessScope).
         own_values = [ops.convert_to_tensor(x) for x in own_values]
         return list(new_t), own_values + list(new_i)
+
+    def _warn_if_undriven(self):
+        # Python-side (at trace time on JAX/TF, every step on torch): a MAT
+        # policy nobody drives never changes the masks; say so once.
+        if self.policy is None or getattr(self, "_driven", False) or getattr(self, "_warned_undriven", False):
+            return
+        self._warned_undriven = True
+        warnings.warn(
+            "keras_mat: this optimizer's policy changes the masks only through "
+            "keras_mat.MATCallback (in fit) or keras_mat.measure (custom loops, train_on_batch); "
+            "without them every module trains. Pass callbacks=[keras_mat.MATCallback(x_train)] to fit. "
+            f"Received: policy={self.policy!r}",
+            stacklevel=3,
+        )
+
+    def _stateless_apply_subset(self, optimizer_variables, grads, values):
+        # A train step built while some variables were non-trainable (see
+        # `skip_gradients`) passes only the trainable ones, in the order the
+        # optimizer was built with. `apply` takes such a subset; run it in a
+        # StatelessScope, as Keras's own `stateless_apply` runs `apply`.
+        variables = [v for v in self._trainable_variables if v.trainable]
+        if len(variables) != len(values):
+            raise ValueError(
+                "`trainable_variables` must hold one value per variable the optimizer was built "
+                f"with ({len(self._trainable_variables)}), or per currently trainable one "
+                f"({len(variables)}). Received: {len(values)} values"
+            )
+        mapping = list(zip(variables, values)) + list(zip(self.variables, optimizer_variables))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            self.apply(grads, variables)
+        new_values = [scope.get_current_value(v) for v in variables]
+        new_values = [old if new is None else new for new, old in zip(new_values, values)]
+        new_optimizer = [scope.get_current_value(v) for v in self.variables]
+        new_optimizer = [
+            ops.convert_to_tensor(old) if new is None else new
+            for new, old in zip(new_optimizer, optimizer_variables)
+        ]
+        return new_values, new_optimizer
+
+    # ----------------------------------------------------------------------------------
+    # Measurements and masks (the MAT policy; this optimizer owns its state)
+    # ----------------------------------------------------------------------------------
+
+    def should_measure(self):
+        """Whether the coming optimizer step is a MAT measurement step.
+
+        True when `policy="mat"` and `iterations` is a multiple of
+        `probe_every` (the first step included). Host-side: call it outside
+        compiled code, e.g. in a custom training loop before the step.
+
+        Returns:
+            A Python bool.
+        """
+        if not isinstance(self.policy, str):
+            return False
+        return int(ops.convert_to_numpy(self.iterations.value)) % self.probe_every == 0
+
+    def _check_lambda_max(self, lambda_max):
+        if not isinstance(lambda_max, dict) or set(lambda_max) != set(self.mat_state):
+            got = sorted(lambda_max) if isinstance(lambda_max, dict) else type(lambda_max).__name__
+            raise ValueError(
+                f"`lambda_max` must be a dict with one entry per module family {sorted(self.mat_state)}. "
+                f"Received: lambda_max keys={got}"
+            )
+        out = []
+        for g in self.families:
+            value = np.asarray(ops.convert_to_numpy(lambda_max[g.name]), dtype="float32")
+            if value.shape != (g.num_modules,):
+                raise ValueError(
+                    f"`lambda_max[{g.name!r}]` must have shape ({g.num_modules},). "
+                    f"Received: shape {value.shape}"
+                )
+            out.append(value)
+        return out
+
+    def _policy_update(self, lam, state, measurement):
+        scopes = policy_lib.scope_ids([g.kind for g in self.families], self.threshold_scope)
+        old = policy_lib.PolicyState(*state, measurement=ops.cast(measurement, "int32"))
+        lam = [ops.cast(ops.convert_to_tensor(v), "float32") for v in lam]
+        return policy_lib.policy_update(lam, old, self.alpha, self.beta, scopes, warmup=self.warmup), lam
+
+    def update_masks(self, lambda_max):
+        """Runs one MAT measurement: the temporal, then the modular policy.
+
+        Writes the new masks, the stopped modules and the policy state into
+        this optimizer's variables and advances the measurement counter. A
+        measurement with a non-finite `lambda_max` changes nothing and
+        returns `None` (the next good one takes its place). Under data
+        parallelism, pass the same `lambda_max` on every replica: the policy
+        is deterministic, so every replica then holds the same masks.
+
+        On JAX inside `fit`, Keras keeps the state outside the variables
+        between steps: `keras_mat.MATCallback` syncs it first; a callback of
+        your own must call `model.jax_state_sync()` before this.
+
+        Args:
+            lambda_max: A dict: family name -> array-like of shape
+                `(num_modules,)` for every family, e.g. what
+                `keras_mat.module_lambda_max` returns.
+
+        Returns:
+            The effective masks after the update (`self.masks`), or `None`
+            when `lambda_max` was not finite.
+
+        Raises:
+            ValueError: if the optimizer is not built, `policy` is not
+                `"mat"`, or `lambda_max` misses a family or has a wrong shape.
+
+        Example:
+
+        >>> lam = keras_mat.module_lambda_max(model, x_probe)  # doctest: +SKIP
+        >>> masks = model.optimizer.update_masks(lam)  # doctest: +SKIP
+        """
+        self._check_built("update_masks")
+        if not isinstance(self.policy, str):
+            raise ValueError(
+                "`update_masks` runs the MAT policy, but this optimizer's masks come from "
+                f"elsewhere. Received: policy={self.policy!r}"
+            )
+        lam = self._check_lambda_max(lambda_max)
+        if not all(np.all(np.isfinite(v)) for v in lam):
+            return None
+        sv = self._state_list
+        state = [[s[k].value for s in sv] for k in _POLICY_KEYS]
+        new, lam = self._policy_update(lam, state, self.num_measurements.value)
+        for key, values in zip(_POLICY_KEYS + ("lambda_max",), (*new[:5], lam)):
+            for s, value in zip(sv, values):
+                s[key].assign(value)
+        self.num_measurements.assign(ops.cast(new.measurement, self.num_measurements.dtype))
+        return self.masks
+
+    def stateless_update_masks(self, optimizer_variables, lambda_max):
+        """Stateless `update_masks`, for JAX custom training loops.
+
+        Args:
+            optimizer_variables: The current values of `self.variables`.
+            lambda_max: As in `update_masks`; it may hold traced tensors.
+                A non-finite entry leaves the state unchanged.
+
+        Returns:
+            The new values of `self.variables` (a list).
+        """
+        self._check_built("stateless_update_masks")
+        if not isinstance(self.policy, str):
+            raise ValueError(
+                "`stateless_update_masks` runs the MAT policy, but this optimizer's masks come "
+                f"from elsewhere. Received: policy={self.policy!r}"
+            )
+        if not isinstance(lambda_max, dict) or set(lambda_max) != set(self.mat_state):
+            self._check_lambda_max(lambda_max)  # raises the error naming the families
+        values = list(optimizer_variables)
+        position = {id(v): i for i, v in enumerate(self.variables)}
+        sv = self._state_list
+        state = [[values[position[id(s[k])]] for s in sv] for k in _POLICY_KEYS]
+        lam = [lambda_max[g.name] for g in self.families]
+        new, lam = self._policy_update(lam, state, values[position[id(self.num_measurements)]])
+        for key, new_values in zip(_POLICY_KEYS + ("lambda_max",), (*new[:5], lam)):
+            for s, value in zip(sv, new_values):
+                i = position[id(s[key])]
+                values[i] = ops.cast(value, values[i].dtype)
+        i = position[id(self.num_measurements)]
+        values[i] = ops.cast(new.measurement, values[i].dtype)
+        return values
+
+    def follow_schedule(self, step):
+        """Writes the masks of a mask schedule (`policy=RandomModules(...)`,
+        `Multirate(...)`) for optimizer step `step`.
+
+        Args:
+            step: The optimizer step the masks are for (an int).
+
+        Returns:
+            True if the masks changed.
+
+        Raises:
+            ValueError: if `policy` is not a mask schedule.
+        """
+        self._check_built("follow_schedule")
+        if not isinstance(self.policy, MaskSchedule):
+            raise ValueError(
+                f"`follow_schedule` needs a mask schedule as `policy`. Received: policy={self.policy!r}"
+            )
+        masks = self.policy.masks(int(step), [(g.name, g.num_modules) for g in self.families])
+        written = getattr(self, "_schedule_written", None)
+        if written is not None and all(np.array_equal(a, b) for a, b in zip(masks, written)):
+            return False
+        for s, m in zip(self._state_list, masks):
+            s["mask"].assign(np.asarray(m, "float32"))
+        self._schedule_written = [np.array(m) for m in masks]
+        return True
+
+    def skippable_variables(self):
+        """The trained variables whose every module is masked or frozen.
+
+        With `skip_gradients=True` these are the variables that
+        `keras_mat.sync_trainable` makes non-trainable until a module of
+        theirs is active again. Host-side (reads the mask variables).
+
+        Returns:
+            A list of `keras.Variable`, in the order the optimizer was built
+            with; empty with `skip_gradients=False`.
+        """
+        self._check_built("skippable_variables")
+        if not self.skip_gradients or not self.families or self._updates_every_variable:
+            return []
+        active = self.masks
+        off = {id(g) for g in self.families if not np.any(active[g.name])}
+        return [v for v in self._trainable_variables if id(groups_lib.group_of(v)[0]) in off]
+
+    @property
+    def skipped_variables(self):
+        """The variables this optimizer has made non-trainable (see
+        `skip_gradients`); they become trainable again as soon as a module of
+        theirs is active and `keras_mat.sync_trainable` runs."""
+        skipped = getattr(self, "_skipped", ())
+        return [v for v in self._trainable_variables if id(v) in skipped] if self.built else []
+
+    def _set_skipped(self, variables):
+        # The one writer of `trainable` flags: makes exactly `variables`
+        # non-trainable among those this optimizer controls, and makes the
+        # ones it turned off before trainable again. Returns whether any
+        # flag changed. Callers rebuild compiled train steps on a change
+        # (`keras_mat.sync_trainable`).
+        if not hasattr(self, "_skipped"):
+            self._skipped = set()  # ids only: Keras tracks Variables held in attributes
+        want = {id(v) for v in variables}
+        changed = False
+        for v in self._trainable_variables:
+            if id(v) in want and id(v) not in self._skipped:
+                if not v.trainable:
+                    continue  # the user froze it: not ours to manage
+                v.trainable = False
+                self._skipped.add(id(v))
+                changed = True
+            elif id(v) not in want and id(v) in self._skipped:
+                v.trainable = True
+                self._skipped.discard(id(v))
+                changed = True
+        return changed
+
+    def exclude_from_weight_decay(self, var_list=None, var_names=None):
+        """Excludes variables from the inner optimizer's weight decay.
+
+        Forwarded to the inner optimizer, which applies the decay; see
+        `keras.optimizers.Optimizer.exclude_from_weight_decay`. Call it
+        before the optimizer is built.
+        """
+        self.inner_optimizer.exclude_from_weight_decay(var_list=var_list, var_names=var_names)
 
     # ----------------------------------------------------------------------------------
     # Delegation
@@ -747,7 +1032,7 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
                 if isinstance(self.policy, MaskSchedule)
                 else self.policy
             ),
-            "probe": self.probe,
+            "skip_gradients": self.skip_gradients,
             "families": self._families_spec(),
         }
 
@@ -758,24 +1043,76 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         return cls(inner, **config)
 
 
-def wrap(optimizer, **options):
+def wrap(
+    optimizer,
+    *,
+    alpha=0.5,
+    beta=1e-3,
+    probe_every=100,
+    probe_samples=16,
+    warmup=1,
+    ntk_output="auto",
+    threshold_scope="auto",
+    policy="mat",
+    skip_gradients=True,
+    name=None,
+):
     """Wraps `optimizer` for Modular Adaptive Training.
 
     Args:
-        optimizer: A fresh `keras.optimizers.Optimizer`.
-        **options: Options of `ModularAdaptiveOptimizer` (`alpha`, `beta`,
-            `probe_every`, `probe_samples`, `warmup`, `ntk_output`,
-            `threshold_scope`, `policy`, `probe`, `name`).
+        optimizer: A fresh `keras.optimizers.Optimizer`, or an identifier
+            that `keras.optimizers.get` understands (`"adamw"`, a config
+            dict).
+        alpha: Float in `[0, 1)`, the modular threshold: a module is updated
+            when its `lambda_max` is at least `lmin + alpha * (lmax - lmin)`
+            of its scope. Defaults to `0.5`.
+        beta: Positive float, the temporal tolerance: a module stops for good
+            when the relative drift of its `lambda_max` falls below it.
+            Defaults to `1e-3`.
+        probe_every: Positive int: measure every this many optimizer steps.
+            Defaults to `100`.
+        probe_samples: Positive int: samples in the probe set. Defaults to
+            `16`.
+        warmup: Non-negative int: every module is updated until this
+            measurement. Defaults to `1`.
+        ntk_output: `"auto"`, `"logits"`, `"sum"` or `"loss"`: the scalar(s)
+            whose modular NTK is measured. Defaults to `"auto"`.
+        threshold_scope: `"auto"`, `"global"` or `"per_layer"`: which
+            families share a threshold. Defaults to `"auto"`.
+        policy: `"mat"` (measure and mask), `None` (masks are set by hand
+            with `set_masks`) or a mask schedule (`keras_mat.RandomModules`,
+            `keras_mat.Multirate`). Defaults to `"mat"`.
+        skip_gradients: Skip the weight gradient and the update of a
+            variable whose modules are all off. Defaults to `True`.
+        name: Optional name of the optimizer.
 
     Returns:
         A `ModularAdaptiveOptimizer` around `optimizer`.
 
     Raises:
-        TypeError: if `optimizer` is not a Keras optimizer.
+        TypeError: if `optimizer` is not a Keras optimizer or identifier.
         ValueError: if an option is invalid.
 
     Example:
 
     >>> opt = wrap(keras.optimizers.AdamW(1e-3), alpha=0.3, probe_every=50)
+    >>> opt = wrap("adamw", probe_every=50)
     """
-    return ModularAdaptiveOptimizer(optimizer, **options)
+    if isinstance(optimizer, (str, dict)):
+        try:
+            optimizer = keras.optimizers.get(optimizer)
+        except ValueError as err:
+            raise ValueError(f"Unknown optimizer identifier. Received: optimizer={optimizer!r}") from err
+    return ModularAdaptiveOptimizer(
+        optimizer,
+        alpha=alpha,
+        beta=beta,
+        probe_every=probe_every,
+        probe_samples=probe_samples,
+        warmup=warmup,
+        ntk_output=ntk_output,
+        threshold_scope=threshold_scope,
+        policy=policy,
+        skip_gradients=skip_gradients,
+        name=name,
+    )

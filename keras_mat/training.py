@@ -1,34 +1,29 @@
-"""The MAT training step that `keras_mat.annotate` installs on a model.
+"""How MAT reaches Keras training, through Keras's own extension points.
 
-Every `probe_every` optimizer steps the step measures lambda_max of every
-module on the probe batch, runs the modular and temporal policies
-(`keras_mat.policy`) and writes the new masks into the optimizer's MAT state;
-then it runs the model's normal Keras train step, whose optimizer update is
-masked by `ModularAdaptiveOptimizer`.
+- `MATCallback`: inside `fit`, measures `lambda_max` every `probe_every`
+  optimizer steps on a fixed probe set, hands it to the optimizer's policy
+  (`ModularAdaptiveOptimizer.update_masks`) and applies the skip set.
+- `sync_trainable`: the skip set. A variable whose every module is masked
+  or frozen is made non-trainable while it is off, so that whatever train
+  step runs (Keras's, a subclass's own `train_step`, `train_on_batch`, a
+  custom loop over `model.trainable_variables`) computes no weight gradient
+  and no update for it, and back-propagation stops below the lowest trained
+  layer. Compiled steps are rebuilt when the set changes.
+- `measure`: one measurement for custom training loops.
 
-- JAX: inside the jitted pure `train_step(state, data)`, the probe and the
-  policy sit under `ops.cond` and update the optimizer-variable state.
-- TensorFlow: inside the `tf.function` train step, under `ops.cond`; the
-  probe itself is a nested XLA-compiled function (graph-mode
-  `vectorized_map` crashes on attention models with oneDNN on), except on
-  pure CNNs, where graph mode is safe and XLA is slow.
-- PyTorch: eager, a plain `if`.
-
-The probe set (`probe="fixed"`, default) is taken once per `fit` call from the
-first `probe_samples` samples of the *raw* training data (before Keras
-shuffles), so it is the same on every call and after resuming; it enters the
-compiled step as a constant. `probe="batch"` uses the head of the current
-training batch instead.
-
-With a plain optimizer (no `keras_mat.wrap`) the model is in
-measurement-only mode: it trains normally and a callback records lambda_max
-every `probe_every` steps into `model.keras_mat_history`.
+Nothing here replaces a model's methods or a Keras class's: the masked
+update is the optimizer's, the measurement is a callback, the savings are
+Keras's own handling of non-trainable variables.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
+import math
+import os
 import sys
+import time
 import types
 import warnings
 
@@ -36,23 +31,23 @@ import keras
 import numpy as np
 from keras import ops, tree
 
-from keras_mat import backends, policy
+from keras_mat import backends, flops, ntk
+from keras_mat.groups import discover_groups, get_groups
+from keras_mat.optimizer import ModularAdaptiveOptimizer
 
-_DEFAULT_MEASURE_EVERY = 100
-_DEFAULT_MEASURE_SAMPLES = 16
+#: Probe samples of measurement-only mode (a plain optimizer).
+DEFAULT_PROBE_SAMPLES = 16
+#: Measurement interval of measurement-only mode.
+DEFAULT_PROBE_EVERY = 100
 
 
 def find_mat_optimizer(optimizer):
-    """The `ModularAdaptiveOptimizer` inside `optimizer` (through
-    `LossScaleOptimizer` nesting), or `None`."""
-    from keras_mat.optimizer import ModularAdaptiveOptimizer
-
-    seen = 0
-    while optimizer is not None and seen < 8:
-        if isinstance(optimizer, ModularAdaptiveOptimizer):
+    """The `ModularAdaptiveOptimizer` inside `optimizer` (also inside a
+    `LossScaleOptimizer`), or `None`."""
+    for _ in range(8):
+        if optimizer is None or isinstance(optimizer, ModularAdaptiveOptimizer):
             return optimizer
         optimizer = getattr(optimizer, "inner_optimizer", None)
-        seen += 1
     return None
 
 
@@ -69,857 +64,711 @@ def _size(data):
     return int(np.shape(tree.flatten(data)[0])[0])
 
 
-def _concat(parts):
-    return tree.map_structure(lambda *xs: np.concatenate(xs, axis=0), *parts)
-
-
-def capture_probe_set(x, y, n):
-    """First `n` samples of the training data, as numpy, or `None` if the
-    data cannot be peeked without consuming it (a Python generator)."""
-    from keras.src.trainers.data_adapters import data_adapter_utils
-
-    if x is None:
-        return None
-    # A tf.data.Dataset implies TensorFlow is imported: importing it only to
-    # ask would cost seconds on the JAX and torch backends.
-    tf = sys.modules.get("tensorflow")
-    is_dataset = tf is not None and isinstance(x, tf.data.Dataset)
-    if is_dataset or isinstance(x, keras.utils.PyDataset):
-        xs, ys, have = [], [], 0
-        batches = iter(x) if is_dataset else (x[i] for i in range(len(x)))
-        for batch in batches:
-            bx, by, _ = data_adapter_utils.unpack_x_y_sample_weight(batch)
-            xs.append(_take(bx, n - have))
-            ys.append(None if by is None else _take(by, n - have))
-            have += _size(xs[-1])
-            if have >= n:
-                break
-        if not xs:
-            return None
-        px = _concat(xs)
-        py = None if ys[0] is None else _concat(ys)
-        return px, py
-    if isinstance(x, types.GeneratorType) or (hasattr(x, "__next__") and not hasattr(x, "shape")):
-        return None
-    return _take(x, n), (None if y is None else _take(y, n))
-
-
-# --------------------------------------------------------------------------------------
-# Runtime: per-fit configuration shared by the backend steps
-# --------------------------------------------------------------------------------------
-
-
-# MAT state the policy rewrites, in `policy.PolicyState` field order.
-_KEYS = ("mask", "frozen", "lambda_init", "delta_prev", "delta_first")
-
-
-class _Runtime:
-    def __init__(self, model, mat, probe_data):
-        from keras_mat import ntk
-
-        self.model = model
-        self.mat = mat
-        self.families = list(mat.families)
-        groups = self.families
-        probe_x, probe_y = probe_data if probe_data is not None else (None, None)
-        self.fixed = mat.probe == "fixed" and probe_x is not None
-        self.probe_x = probe_x
-        self.probe_y = probe_y
-        if self.fixed:  # converted once; a constant of the compiled step
-            self.fixed_probe = tree.map_structure(ops.convert_to_tensor, (probe_x, probe_y))
-        sample = probe_x
-        mode = mat.ntk_output
-        if mode == "auto":
-            if sample is None:
-                raise ValueError(
-                    "ntk_output='auto' needs a peekable training set to size the outputs; "
-                    "pass ntk_output='logits'|'sum'|'loss' explicitly. Received: ntk_output='auto'"
-                )
-            mode = ntk.resolve_ntk_output(model, sample, "auto")
-        self.mode = mode
-        loss = None
-        if mode == "loss":
-            loss = model.loss
-        self.probe = ntk.get_probe(model, groups, mode, loss=loss, x=sample)
-        self.scopes = policy.scope_ids([g.kind for g in groups], mat.threshold_scope)
-        self.alpha = float(mat.alpha)
-        self.beta = float(mat.beta)
-        self.warmup = int(mat.warmup)
-        self.probe_every = int(mat.probe_every)
-        self.samples = int(mat.probe_samples)
-        self.active = mat.policy == "mat"
-        self.schedule = not self.active and mat.policy is not None  # keras_mat.baselines
-        self.state_vars = [mat.mat_state[g.name] for g in groups]
-        # Where the MAT state sits in `model.optimizer.variables` (the JAX
-        # step's optimizer state and the dispatcher read it by position).
-        index = {id(v): i for i, v in enumerate(model.optimizer.variables)}
-        self.positions = {k: [index[id(s[k])] for s in self.state_vars] for k in _KEYS + ("lambda_max",)}
-        self.iterations_position = index[id(mat.iterations)]
-        self.measurements_position = index[id(mat.num_measurements)]
-        self.total_modules = float(sum(g.num_modules for g in groups))
-        self.config = self._config(mat)
-        # Weight-gradient skipping (see _Dispatcher): indices of trainable
-        # variables whose every module is off, per family.
-        index = {id(v): i for i, v in enumerate(model.trainable_variables)}
-        self.family_vars = [tuple(index[id(v)] for v in g.variables) for g in groups]
-        self.skip = ()  # the skip set the step being traced/called uses
-        self.next_skip = ()  # the skip set for the coming non-measurement steps
-        self.step = None
-        self.num_compiles = 0
-        self.skip_history = []
-        self.traces = {}  # skip set -> times its step was traced (JAX/TF) or run (torch)
-        # Analytic FLOPs (keras_mat.flops), accumulated host-side per step.
-        self.flops_report = None
-        self.batch_size = None
-        self.active_np = None
-        self.cum_train_flops = 0.0
-        self.cum_probe_flops = 0.0
-        self.cum_executed_flops = 0.0
-        self._step_cost = {}
-        self.probe_cost = 0.0
-
-    def setup_flops(self, batch_size):
-        from keras_mat import flops
-
-        try:
-            shapes = None
-            if self.probe_x is not None:
-                shapes = tree.map_structure(lambda a: tuple(np.shape(a)[1:]), self.probe_x)
-            self.flops_report = flops.count_flops(self.model, 1, input_shapes=shapes, groups=self.families)
-        except Exception as err:  # FLOPs are reporting only: never block training
-            warnings.warn(f"keras_mat: FLOPs accounting is off for this model ({err})", stacklevel=3)
-            self.flops_report = None
-            return
-        self.batch_size = batch_size
-        rows = self.probe._rows_per_sample or 1
-        self.probe_cost = flops.probe_flops(self.flops_report, self.samples, rows)
-
-    def step_cost(self, skipping=True):
-        """Training FLOPs of one step with the current masks: forward, the
-        activation gradients down to the lowest trained op, and the weight
-        gradients of active modules and always-trained variables.
-
-        Returns `(analytic, executed)`: the weight gradients of active
-        *modules* (MAT's accounting), and what the step computes: a
-        variable's whole weight gradient while any of its modules is active
-        (masks within a variable save no work), everything when `skipping`
-        is off (measurement steps, `skip_gradients=False`).
-        """
-        from keras_mat import flops
-
-        key = (tuple(tuple(bool(b) for b in m) for m in self.active_np), skipping)
-        cost = self._step_cost.get(key)
-        if cost is None:
-            masks = {g.name: np.asarray(m, bool) for g, m in zip(self.families, self.active_np)}
-            analytic = flops.step_flops(self.flops_report, masks, frozen_prefix="auto")
-            if skipping:
-                executed = flops.step_flops(
-                    self.flops_report, masks, frozen_prefix="auto", granularity="family"
-                )
-            else:
-                executed = flops.step_flops(self.flops_report, None)
-            cost = (analytic * self.batch_size, executed * self.batch_size)
-            self._step_cost[key] = cost
-        return cost
-
-    def skip_from_masks(self, masks, frozen):
-        skip = []
-        for f, (m, z) in enumerate(zip(masks, frozen)):
-            if not np.any(np.asarray(m) * (1.0 - np.asarray(z)) > 0.5):
-                skip.extend(self.family_vars[f])
-        return tuple(sorted(skip))
-
-    def _config(self, mat):
-        return (
-            id(mat),
-            mat.alpha,
-            mat.beta,
-            mat.probe_every,
-            mat.probe_samples,
-            mat.warmup,
-            mat.ntk_output,
-            mat.threshold_scope,
-            mat.policy,
-            mat.probe,
-        )
-
-    def matches(self, mat, probe_data):
-        if self._config(mat) != self.config:
-            return False
-        if (probe_data is None) != (self.probe_x is None):
-            return False
-        if probe_data is None:
-            return True
-        if (self.probe_y is None) != (probe_data[1] is None):
-            return False
-        mine = tree.flatten((self.probe_x, self.probe_y))
-        theirs = tree.flatten(probe_data)
-        return len(mine) == len(theirs) and all(np.array_equal(a, b) for a, b in zip(mine, theirs))
-
-    def probe_batch(self, data):
-        from keras.src.trainers.data_adapters import data_adapter_utils
-
-        if self.fixed:
-            return self.fixed_probe
-        x, y, _ = data_adapter_utils.unpack_x_y_sample_weight(data)
-        n = tree.flatten(x)[0].shape[0]
-        if n is not None and n < self.samples:
-            raise ValueError(
-                f"probe='batch' needs training batches of at least probe_samples={self.samples} "
-                f"samples. Received: batch size {n}"
-            )
-        px = tree.map_structure(lambda t: t[: self.samples], x)
-        py = None if y is None else tree.map_structure(lambda t: t[: self.samples], y)
-        return px, py
-
-    def policy_step(self, lam, *state):
-        """Pure: new values for the MAT state from one measurement."""
-        return _policy_step(self.mat, self.scopes, lam, *state)
-
-    def with_fractions(self, logs, masks, frozen):
-        """`logs` plus the fractions of modules updated and stopped (progress
-        bar and History)."""
-        # `> 0.5`: a schedule may write mask values other than 1 (gradient scales).
-        active = sum(
-            ops.sum(ops.cast(ops.greater(m, 0.5), "float32") * (1.0 - ops.cast(f, "float32")))
-            for m, f in zip(masks, frozen)
-        )
-        stopped = sum(ops.sum(ops.cast(f, "float32")) for f in frozen)
-        logs = dict(logs)
-        logs["mat_active"] = active / self.total_modules
-        logs["mat_frozen"] = stopped / self.total_modules
-        return logs
-
-
-# --------------------------------------------------------------------------------------
-# Backend train steps
-# --------------------------------------------------------------------------------------
-
-
-def _jax_train_step(self, state, data):
-    rt = self._keras_mat_runtime
-    if rt is None:
-        return type(self).train_step(self, state, data)
-    tv, ntv, ov, mv = state
-    pos = rt.positions
-
-    def measure(ov):
-        px, py = rt.probe_batch(data)
-        lam = rt.probe.from_values(list(tv), list(ntv), px, py)
-        read = {k: [ov[i] for i in pos[k]] for k in _KEYS}
-        new, lam = rt.policy_step(lam, *(read[k] for k in _KEYS), ov[rt.measurements_position])
-        ov = list(ov)
-        for key, values in zip(_KEYS + ("lambda_max",), (*new[:5], lam)):
-            for i, val in zip(pos[key], values):
-                ov[i] = ops.cast(val, ov[i].dtype)
-        n = rt.measurements_position
-        ov[n] = ops.cast(new.measurement, ov[n].dtype)
-        return ov
-
-    if rt.active:
-        do = ops.equal(ops.mod(ov[rt.iterations_position], rt.probe_every), 0)
-        ov = ops.cond(do, lambda: measure(ov), lambda: list(ov))
-    if rt.skip:
-        logs, state = _jax_skipping_step(self, (tv, ntv, ov, mv), data, set(rt.skip))
-    else:
-        logs, state = type(self).train_step(self, (tv, ntv, ov, mv), data)
-    ov = state[2]
-    return rt.with_fractions(logs, [ov[i] for i in pos["mask"]], [ov[i] for i in pos["frozen"]]), state
-
-
-def _policy_step(mat, scopes, lam, masks, frozen, lambda_init, delta_prev, delta_first, measurement):
-    # Pure: new values for the MAT state from one measurement.
-    state = policy.PolicyState(
-        masks=list(masks),
-        frozen=list(frozen),
-        lambda_init=list(lambda_init),
-        delta_prev=list(delta_prev),
-        delta_first=list(delta_first),
-        measurement=ops.cast(measurement, "int32"),
-    )
-    lam = [ops.cast(v, "float32") for v in lam]
-    new = policy.policy_update(lam, state, mat.alpha, mat.beta, scopes, warmup=mat.warmup)
-    return new, lam
-
-
-def _write_measurement(mat, scopes, lam):
-    # Stateful (TF, torch, custom loops): one measurement into the MAT state.
-    sv = [mat.mat_state[g.name] for g in mat.families]
-    new, lam = _policy_step(
-        mat, scopes, lam, *([s[k].value for s in sv] for k in _KEYS), mat.num_measurements.value
-    )
-    for key, values in zip(_KEYS + ("lambda_max",), (*new[:5], lam)):
-        for s, val in zip(sv, values):
-            s[key].assign(val)
-    mat.num_measurements.assign(ops.cast(new.measurement, mat.num_measurements.dtype))
-
-
-def _stateful_measure(rt, data):
-    px, py = rt.probe_batch(data)
-    _write_measurement(rt.mat, rt.scopes, rt.probe(px, py))
-
-
-def apply_measurement(optimizer, lambda_max):
-    """Runs one MAT measurement on a wrapped optimizer from given lambda_max.
-
-    What the MAT training step does at a measurement, for custom training
-    loops: the temporal policy, then the modular policy, then the new masks,
-    frozen set and policy state are written into the optimizer's MAT state
-    and the measurement counter advances. Under data parallelism, pass the
-    same `lambda_max` on every replica (measured on the same probe set and
-    all-reduced, or measured on one rank and broadcast): the policy is
-    deterministic, so every replica then holds the same masks.
+def take_probe_set(x, y=None, n=DEFAULT_PROBE_SAMPLES):
+    """The first `n` samples of `x` (and `y`), as numpy.
 
     Args:
-        optimizer: A built `ModularAdaptiveOptimizer` (from `keras_mat.wrap`,
-            possibly inside a `LossScaleOptimizer`) with `policy="mat"`.
-        lambda_max: A dict: family name -> array-like of shape
-            `(num_modules,)`, e.g. what `keras_mat.module_lambda_max`
-            returns, for every family of the optimizer.
+        x: Arrays (or a structure of arrays), a `tf.data.Dataset`, a
+            `keras.utils.PyDataset`, or an iterable of batches. Batches are
+            unpacked as Keras unpacks them: `(x, y)` or `(x, y, sample_weight)`.
+        y: Targets for array `x` (only `ntk_output="loss"` uses them).
+        n: Number of samples (int >= 1).
 
     Returns:
-        The effective masks after the update (`optimizer.masks`): family
-        name -> boolean numpy array.
+        A tuple `(x_probe, y_probe)`; `y_probe` may be `None`.
 
     Raises:
-        ValueError: if `optimizer` is not a built MAT optimizer with
-            `policy="mat"`, or `lambda_max` misses a family or has a wrong
-            shape.
+        ValueError: if `x` is empty or holds no batch.
+    """
+    px, py, _ = _take_probe_set(x, y, n)
+    return px, py
+
+
+def _take_probe_set(x, y, n):
+    # Also returns the size of the first batch of batched data (the fit
+    # batch size, for FLOPs), or None for arrays.
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"`n` must be an int >= 1. Received: n={n!r}")
+    if x is None:
+        raise ValueError("The probe data is empty. Received: x=None")
+    tf = sys.modules.get("tensorflow")  # imported only if the data is a tf.data.Dataset
+    batches = None
+    if tf is not None and isinstance(x, tf.data.Dataset):
+        batches = iter(x)
+    elif isinstance(x, keras.utils.PyDataset):
+        batches = (x[i] for i in range(len(x)))
+    elif isinstance(x, types.GeneratorType) or (hasattr(x, "__next__") and not hasattr(x, "shape")):
+        batches = x
+    if batches is None:
+        if _size(x) < 1:
+            raise ValueError(f"The probe data is empty. Received: x of batch size {_size(x)}")
+        return _take(x, n), (None if y is None else _take(y, n)), None
+    xs, ys, have, first = [], [], 0, None
+    for batch in batches:
+        bx, by, _ = keras.utils.unpack_x_y_sample_weight(batch)
+        first = first or _size(bx)
+        xs.append(_take(bx, n - have))
+        ys.append(None if by is None else _take(by, n - have))
+        have += _size(xs[-1])
+        if have >= n:
+            break
+    if not xs:
+        raise ValueError(f"The probe data holds no batch. Received: x={x!r}")
+    cat = lambda parts: tree.map_structure(lambda *a: np.concatenate(a, axis=0), *parts)  # noqa: E731
+    return cat(xs), (None if ys[0] is None else cat(ys)), first
+
+
+# --------------------------------------------------------------------------------------
+# Skip set
+# --------------------------------------------------------------------------------------
+
+
+def _rebuild_functions(model):
+    # Compiled steps captured which variables were trainable: a stale one
+    # would differentiate (and, on JAX, map values onto) the wrong set.
+    if model.train_function is not None:
+        model.make_train_function(force=True)
+    model.test_function = None
+    model.predict_function = None
+
+
+def sync_trainable(model, variables=None):
+    """Makes the fully-off variables of the MAT optimizer non-trainable.
+
+    Call it after changing masks by hand (`set_masks`, `update_masks`)
+    before `train_on_batch` or a custom training step; `MATCallback` calls
+    it inside `fit`. Every variable whose modules are all masked or frozen
+    becomes non-trainable, the ones with an active module again become
+    trainable, and the model's compiled train/test/predict functions are
+    rebuilt if the set changed. A compiled step of your own (a `tf.function`
+    or `jax.jit` over `model.trainable_variables`) must be retraced when
+    this returns True.
+
+    Args:
+        model: A model compiled with a `keras_mat.wrap(...)` optimizer.
+        variables: Optional subset of `optimizer.skippable_variables()` to
+            skip (default: all of them).
+
+    Returns:
+        True if the set of trainable variables changed.
+
+    Raises:
+        ValueError: if the model's optimizer is not a built MAT optimizer,
+            or `variables` holds a variable that has an active module.
 
     Example:
 
-    >>> lam = keras_mat.module_lambda_max(model, x_probe)  # doctest: +SKIP
-    >>> masks = keras_mat.apply_measurement(model.optimizer, lam)  # doctest: +SKIP
+    >>> model.optimizer.set_masks({"dense/kernel": [False]})  # doctest: +SKIP
+    >>> keras_mat.sync_trainable(model)  # doctest: +SKIP
+    True
     """
-    mat = find_mat_optimizer(optimizer)
-    if mat is None or not mat.built or mat.policy != "mat":
-        state = "not a keras_mat optimizer" if mat is None else f"built={mat.built}, policy={mat.policy!r}"
+    opt = find_mat_optimizer(getattr(model, "optimizer", None))
+    if opt is None or not opt.built:
         raise ValueError(
-            "`optimizer` must be a built keras_mat.wrap(...) optimizer with policy='mat' (build it "
-            f"with optimizer.build(model.trainable_variables)). Received: optimizer with {state}"
+            "`sync_trainable` needs a model compiled with a built keras_mat.wrap(...) optimizer "
+            "(build it with `model.optimizer.build(model.trainable_variables)` or train one step). "
+            f"Received: optimizer={getattr(model, 'optimizer', None)!r}"
         )
-    if not isinstance(lambda_max, dict) or set(lambda_max) != set(mat.mat_state):
-        got = sorted(lambda_max) if isinstance(lambda_max, dict) else type(lambda_max).__name__
-        raise ValueError(
-            f"`lambda_max` must be a dict with one entry per module family {sorted(mat.mat_state)}. "
-            f"Received: lambda_max keys={got}"
-        )
-    lam = []
-    for g in mat.families:
-        value = np.asarray(ops.convert_to_numpy(lambda_max[g.name]), dtype="float32")
-        if value.shape != (g.num_modules,):
+    skippable = opt.skippable_variables()
+    if variables is None:
+        variables = skippable
+    else:
+        allowed = {id(v) for v in skippable}
+        extra = [v.path for v in variables if id(v) not in allowed]
+        if extra:
             raise ValueError(
-                f"`lambda_max[{g.name!r}]` must have shape ({g.num_modules},). Received: shape {value.shape}"
+                "Only variables whose every module is masked or frozen can be skipped. "
+                f"Received: variables with an active module: {extra}"
             )
-        lam.append(ops.convert_to_tensor(value))
-    scopes = policy.scope_ids([g.kind for g in mat.families], mat.threshold_scope)
-    _write_measurement(mat, scopes, lam)
-    return mat.masks
+    backends.trainer().sync_state(model)
+    changed = opt._set_skipped(variables)
+    if changed:
+        _rebuild_functions(model)
+    return changed
 
 
-def _stateful_train_step(self, data, measure_now, skipping_step):
-    # TF and torch: the MAT state lives in the variables. `_fit` has built
-    # the optimizer (and so the MAT state) before the first step.
-    rt = self._keras_mat_runtime
-    if rt is None:
-        return type(self).train_step(self, data)
-    if rt.active:
-        measure_now(rt, data)
-    if rt.skip:
-        logs = skipping_step(self, data, set(rt.skip))
-    else:
-        logs = type(self).train_step(self, data)
-    sv = rt.state_vars
-    return rt.with_fractions(logs, [s["mask"].value for s in sv], [s["frozen"].value for s in sv])
+def measure(model, x_probe, y_probe=None, ntk_output=None):
+    """One MAT measurement step for custom training loops.
 
+    If the optimizer's `should_measure()` is true, measures `lambda_max` on
+    the probe set, runs the policy (`update_masks`) and `sync_trainable`.
 
-def _tf_measure_now(rt, data):
-    import tensorflow as tf
-
-    def zero():
-        return ops.convert_to_tensor(0)
-
-    def measure():
-        _stateful_measure(rt, data)
-        return zero()
-
-    do = ops.equal(ops.mod(rt.mat.iterations.value, rt.probe_every), 0)
-    replica = tf.distribute.get_replica_context()
-    if replica is None or replica.num_replicas_in_sync == 1:
-        ops.cond(do, measure, zero)
-        return
-    # MirroredStrategy: every replica probes the same samples (a batch probe
-    # is gathered from all replicas first) and lambda is averaged across
-    # replicas before the policy, so masks agree on every replica even where
-    # kernels are not bitwise deterministic. Collectives cannot sit inside
-    # tf.cond here (merge_call), so they run on every step: a few floats,
-    # plus the batch with probe="batch".
-    if rt.fixed:
-        px, py = rt.fixed_probe
-    else:
-        from keras.src.trainers.data_adapters import data_adapter_utils
-
-        def head(t):  # the first probe_samples samples of the global batch
-            return tf.ensure_shape(replica.all_gather(t, 0)[: rt.samples], (rt.samples,) + tuple(t.shape[1:]))
-
-        x, y, _ = data_adapter_utils.unpack_x_y_sample_weight(data)
-        px, py = tree.map_structure(head, x), (None if y is None else tree.map_structure(head, y))
-    current = [ops.convert_to_tensor(s["lambda_max"].value) for s in rt.state_vars]
-    lam = ops.cond(do, lambda: [ops.cast(v, "float32") for v in rt.probe(px, py)], lambda: current)
-    lam = replica.all_reduce(tf.distribute.ReduceOp.MEAN, lam)
-
-    def write():
-        _write_measurement(rt.mat, rt.scopes, lam)
-        return zero()
-
-    ops.cond(do, write, zero)
-
-
-def _torch_measure_now(rt, data):
-    if int(ops.convert_to_numpy(rt.mat.iterations.value)) % rt.probe_every == 0:
-        _stateful_measure(rt, data)
-
-
-def _tf_train_step(self, data):
-    return _stateful_train_step(self, data, _tf_measure_now, _tf_skipping_step)
-
-
-def _torch_train_step(self, data):
-    return _stateful_train_step(self, data, _torch_measure_now, _torch_skipping_step)
-
-
-def _full_gradients(weights, skip, active_grads, zeros_like):
-    """Gradients for every trainable variable (JAX's `stateless_apply` takes
-    them all): the computed ones in order, `None` for the skipped, which the
-    MAT optimizer then leaves out of the update (no optimizer work for a
-    fully masked variable). Zeros for all if every variable is skipped (the
-    inner optimizer needs at least one gradient; the masks restore them)."""
-    if len(skip) >= len(weights):
-        return [zeros_like(w) for w in weights]
-    active = iter(active_grads)
-    return [None if i in skip else next(active) for i in range(len(weights))]
-
-
-def _differentiated(weights, skip):
-    """The variables a skipping step (TF, torch) differentiates and hands to
-    the optimizer, a subset of `weights`: a skipped one costs no weight
-    gradient and no update. All of them when every one is skipped, so that
-    the step still counts as an optimizer iteration (they then get zero
-    gradients, and the masks keep them as they are)."""
-    live = [w for i, w in enumerate(weights) if i not in skip]
-    return live or list(weights)
-
-
-def _forward_and_loss(self, x, y, sample_weight, batch_size, unscale=lambda loss: loss):
-    # The loss part of Keras's TF and torch train steps, shared by our
-    # skipping variants of both.
-    y_pred = self(x, training=True) if self._call_has_training_arg else self(x)
-    loss = self._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
-    self._loss_tracker.update_state(unscale(loss), sample_weight=batch_size)
-    return y_pred, self.optimizer.scale_loss(loss)
-
-
-def _jax_skipping_step(self, state, data, skip):
-    # Keras's JAX train step, differentiating only the active variables: the
-    # skipped ones are not differentiated, so XLA drops their weight
-    # gradients and, below a frozen prefix, the whole backward pass.
-    import jax
-    from keras.src.trainers.data_adapters import data_adapter_utils
-
-    tv, ntv, ov, mv = state
-    x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
-    active = [i for i in range(len(tv)) if i not in skip]
-
-    def loss_fn(active_values):
-        values = list(tv)
-        for i, val in zip(active, active_values):
-            values[i] = val
-        return self.compute_loss_and_updates(
-            values, ntv, mv, x, y, sample_weight, training=True, optimizer_variables=ov
-        )
-
-    (_, aux), active_grads = jax.value_and_grad(loss_fn, has_aux=True)([tv[i] for i in active])
-    unscaled_loss, y_pred, ntv, mv = aux
-    grads = _full_gradients(tv, skip, active_grads, jax.numpy.zeros_like)
-    tv, ov = self.optimizer.stateless_apply(ov, grads, tv)
-    logs, mv = self._update_metrics_variables(mv, unscaled_loss, x, y, y_pred, sample_weight)
-    return logs, (tv, ntv, ov, mv)
-
-
-def _tf_skipping_step(self, data, skip):
-    import tensorflow as tf
-    from keras.src.losses import loss as loss_module
-    from keras.src.trainers.data_adapters import data_adapter_utils
-
-    x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
-    weights = self.trainable_weights
-    live = _differentiated(weights, skip)
-    all_off = len(skip) >= len(weights)
-    # Only those variables are watched: nothing is recorded for the
-    # backward pass of a frozen prefix, and no skipped dW is computed.
-    with tf.GradientTape(watch_accessed_variables=False) as tape:
-        for w in [] if all_off else live:
-            tape.watch(w.value)
-        batch_size = tf.shape(next(i for i in tree.flatten(x) if i is not None))[0]
-        y_pred, loss = _forward_and_loss(
-            self, x, y, sample_weight, batch_size, loss_module.unscale_loss_for_distribution
-        )
-    if all_off:
-        grads = [tf.zeros_like(w.value) for w in live]
-    else:  # a variable the loss does not reach keeps None (Keras's own step skips it too)
-        grads = tape.gradient(loss, [w.value for w in live])
-    self.optimizer.apply(grads, live)  # the MAT optimizer takes a subset
-    return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-
-
-def _torch_skipping_step(self, data, skip):
-    import torch
-    from keras.src.trainers.data_adapters import data_adapter_utils
-
-    x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
-    weights = self.trainable_weights[:]
-    skipped = [weights[i].value for i in skip]
-    for p in skipped:
-        p.requires_grad_(False)  # autograd records nothing for them
-    try:
-        self.zero_grad()
-        batch_size = next(i for i in tree.flatten(x) if i is not None).shape[0]
-        y_pred, loss = _forward_and_loss(self, x, y, sample_weight, batch_size)
-        if loss.requires_grad:
-            loss.backward()
-    finally:
-        for p in skipped:
-            p.requires_grad_(True)
-    live = _differentiated(weights, skip)
-    # A variable the loss does not reach (or a skipped one, when all are) has no .grad: zeros,
-    # as in Keras's step.
-    grads = [torch.zeros_like(w.value) if w.value.grad is None else w.value.grad for w in live]
-    with torch.no_grad():
-        self.optimizer.apply(grads, live)  # the MAT optimizer takes a subset
-    return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-
-
-class _Dispatcher:
-    """`model.train_function` while MAT trains: one compiled step per set of
-    fully-off variables (skip set), cached and bounded.
-
-    Masks only change at measurement steps, so the skip set is read back
-    (a few bytes) only after those. A measurement step always runs the
-    no-skip step: a family that the measurement turns on must get its real
-    gradient in that very step.
-    """
-
-    def __init__(self, model, rt, max_cached=8):
-        self.model = model
-        self.rt = rt
-        self.max_cached = max_cached
-        self.cache = {}
-        self.order = []
-        self.reset_schedule()
-
-    def _keyed_step(self, installed, key):
-        # A distinct function object per skip set: JAX caches traces by the
-        # function's identity, so jit-wrapping the same bound method again
-        # would silently reuse the first variant's trace.
-        rt = self.rt
-
-        def step(*args):
-            rt.skip = key
-            rt.traces[key] = rt.traces.get(key, 0) + 1  # Python: runs per trace (JAX/TF)
-            return installed(*args)
-
-        return step
-
-    def _function(self, key, args=()):
-        fn = self.cache.get(key)
-        if fn is None:
-            model = self.model
-            installed = model.train_step
-            object.__setattr__(model, "train_step", self._keyed_step(installed, key))
-            if backends.name() == "jax" and keras.distribution.distribution() is not None:
-                # Keras pins the step's output shardings to the variables'
-                # shardings, but inside `fit` the variables are purged: take
-                # them from the state this step receives (same structure).
-                spec = tuple([a.sharding for a in part] for part in args[0])
-                object.__setattr__(model, "_get_state_sharding_spec", lambda: spec)
-            try:
-                model.train_function = None
-                type(model).make_train_function(model, force=True)
-                fn = model.train_function
-            finally:
-                object.__setattr__(model, "train_step", installed)
-                model.__dict__.pop("_get_state_sharding_spec", None)
-                model.train_function = self
-            self.cache[key] = fn
-            self.rt.num_compiles += 1
-            while len(self.cache) > self.max_cached:
-                oldest = self.order.pop(0)
-                self.cache.pop(oldest, None)
-        if key in self.order:
-            self.order.remove(key)
-        self.order.append(key)
-        return fn
-
-    def reset_schedule(self):
-        self._written = None  # masks last written by a schedule (host copy)
-        self._frozen = None
-
-    def _apply_schedule(self, args):
-        # A mask schedule (keras_mat.baselines) decides on the host: when its
-        # masks change, write them into the optimizer's mask state (on JAX,
-        # into the state passed to the step) and derive the skip set and the
-        # FLOPs from them. No probe or MAT policy runs (rt.active is False).
-        rt = self.rt
-        masks = rt.mat.policy.masks(rt.step, [(g.name, g.num_modules) for g in rt.families])
-        written = self._written
-        if written is not None and all(np.array_equal(a, b) for a, b in zip(masks, written)):
-            return args
-        if backends.name() == "jax":
-            state, *rest = args
-            ov = list(state[2])
-            for i, m in zip(rt.positions["mask"], masks):
-                ov[i] = ops.convert_to_tensor(m, dtype=ov[i].dtype)
-            if self._frozen is None:
-                self._frozen = [np.asarray(ov[i]) for i in rt.positions["frozen"]]
-            args = ((state[0], state[1], ov, state[3]), *rest)
-        else:
-            for s, m in zip(rt.state_vars, masks):
-                s["mask"].assign(m)
-            if self._frozen is None:
-                self._frozen = [ops.convert_to_numpy(s["frozen"].value) for s in rt.state_vars]
-        self._written = masks
-        if getattr(rt.mat, "skip_gradients", True):
-            rt.next_skip = rt.skip_from_masks(masks, self._frozen)
-            rt.skip_history.append((rt.step, rt.next_skip))  # as after a measurement
-        rt.active_np = [(np.asarray(m) > 0.5) * (1.0 - np.asarray(z)) for m, z in zip(masks, self._frozen)]
-        return args
-
-    def __call__(self, *args):
-        rt = self.rt
-        if rt.schedule:
-            args = self._apply_schedule(args)
-        measuring = rt.active and rt.step % rt.probe_every == 0
-        key = () if measuring else rt.next_skip
-        fn = self._function(key, args)
-        rt.skip = key  # torch's step looks up train_step per call; JAX/TF pinned it at trace
-        out = fn(*args)
-        rt.step += 1
-        if measuring:
-            rt.next_skip = self._read_skip(out)
-            rt.skip_history.append((rt.step - 1, rt.next_skip))
-            rt.cum_probe_flops += rt.probe_cost
-        if rt.flops_report is not None:
-            skipping = not measuring and getattr(rt.mat, "skip_gradients", True)
-            analytic, executed = rt.step_cost(skipping)
-            rt.cum_train_flops += analytic
-            rt.cum_executed_flops += executed
-            logs = out[0] if backends.name() == "jax" else out
-            logs["mat_train_flops"] = rt.cum_train_flops
-            logs["mat_total_flops"] = rt.cum_train_flops + rt.cum_probe_flops
-            logs["mat_executed_flops"] = rt.cum_executed_flops + rt.cum_probe_flops
-        return out
-
-    def _read_skip(self, out):
-        rt = self.rt
-        if backends.name() == "jax":
-            ov = out[1][2]
-            masks = [np.asarray(ov[i]) for i in rt.positions["mask"]]
-            frozen = [np.asarray(ov[i]) for i in rt.positions["frozen"]]
-        else:
-            masks = [ops.convert_to_numpy(s["mask"].value) for s in rt.state_vars]
-            frozen = [ops.convert_to_numpy(s["frozen"].value) for s in rt.state_vars]
-        rt.active_np = [np.asarray(m) * (1.0 - np.asarray(z)) for m, z in zip(masks, frozen)]
-        return rt.skip_from_masks(masks, frozen)
-
-
-def step_cache_info(model):
-    """How the MAT step skipped work in the last `fit`.
+    Args:
+        model: A model compiled with a `keras_mat.wrap(...)` optimizer.
+        x_probe: The probe inputs (the same samples at every call).
+        y_probe: Probe targets (needed for `ntk_output="loss"`).
+        ntk_output: Overrides the optimizer's `ntk_output`.
 
     Returns:
-        A dict: `num_compiles` (compiled step variants built, one per distinct
-        skip set; 0 on torch's eager step would still count variants),
-        `cached` (skip sets currently cached), `skip_history` (list of
-        `(step, skipped trainable-variable indices)` after each measurement,
-        or each change of a mask schedule's masks),
-        `traces` (skip set -> number of times its step was traced on JAX/TF,
-        or run on torch).
+        True if the set of trainable variables changed (retrace a compiled
+        step of your own).
+
+    Example:
+
+    >>> for x, y in dataset:  # doctest: +SKIP
+    ...     keras_mat.measure(model, x_probe)
+    ...     loss = model.train_on_batch(x, y)
     """
-    rt = getattr(model, "_keras_mat_runtime", None)
-    if rt is None:
-        return {"num_compiles": 0, "cached": [], "skip_history": []}
-    fn = model.train_function
-    cached = list(fn.cache) if isinstance(fn, _Dispatcher) else []
-    return {
-        "num_compiles": rt.num_compiles,
-        "cached": cached,
-        "skip_history": list(rt.skip_history),
-        "traces": dict(rt.traces),
-    }
+    opt = find_mat_optimizer(getattr(model, "optimizer", None))
+    if opt is None:
+        raise ValueError(
+            "`measure` needs a model compiled with a keras_mat.wrap(...) optimizer. "
+            f"Received: optimizer={getattr(model, 'optimizer', None)!r}"
+        )
+    if not opt.built:
+        opt.build(model.trainable_variables)
+    opt._driven = True
+    if isinstance(opt.policy, str) and opt.should_measure():
+        backends.trainer().sync_state(model)
+        mode = ntk_output or opt.ntk_output
+        lam = ntk.module_lambda_max(model, x_probe, y=y_probe, ntk_output=mode, groups=opt.families)
+        opt.update_masks(lam)
+    elif opt.policy is not None and not isinstance(opt.policy, str):
+        backends.trainer().sync_state(model)
+        opt.follow_schedule(int(ops.convert_to_numpy(opt.iterations.value)))
+    return sync_trainable(model)
 
 
 # --------------------------------------------------------------------------------------
-# Measurement-only mode
+# The callback
 # --------------------------------------------------------------------------------------
 
+_FIELDS = (
+    "step",
+    "measurement",
+    "family",
+    "module",
+    "lambda_max",
+    "active",
+    "frozen",
+    "train_flops",
+    "total_flops",
+)
 
-class _MeasureCallback(keras.callbacks.Callback):
-    """Records lambda_max every `probe_every` steps (plain optimizer)."""
 
-    def __init__(self, probe_data, every, ntk_output="auto"):
+class MATCallback(keras.callbacks.Callback):
+    """Runs Modular Adaptive Training inside `model.fit`.
+
+    Every `probe_every` optimizer steps (the optimizer's option) it measures
+    `lambda_max` of every module on a fixed probe set, runs the MAT policy
+    (`optimizer.update_masks`) and skips the variables whose modules are all
+    off (see `keras_mat.sync_trainable`). A new set of skipped variables
+    needs a new compiled train step: it is compiled only when its predicted
+    saving until the next measurement exceeds the measured compile time;
+    until then the cached step with the largest still-valid skip set runs
+    (the step without skipping is always valid and always exact).
+
+    With a mask schedule (`policy=keras_mat.RandomModules(...)`) it writes
+    the schedule's masks before each step. With a plain optimizer (no
+    `keras_mat.wrap`) it only measures and records (`rows`).
+
+    Every measurement is recorded in `rows` (one dict per module, with the
+    fields of the CSV file: `step, measurement, family, module, lambda_max,
+    active, frozen, train_flops, total_flops`), optionally in a CSV file and
+    in TensorBoard. The fractions of modules updated and stopped go to the
+    logs as `mat_active` and `mat_frozen`; the FLOPs counters go to History
+    (see `flops`) and, with `show_flops=True`, to the progress bar.
+
+    Args:
+        x: Probe inputs: arrays, a `tf.data.Dataset`, a `PyDataset` or an
+            iterable of batches; the first `probe_samples` samples are
+            taken once (use training data).
+        y: Probe targets for array `x` (`ntk_output="loss"` only).
+        probe_samples: Samples of the probe set; defaults to the optimizer's
+            `probe_samples` (16 with a plain optimizer).
+        probe_every: Measurement interval with a plain optimizer (the MAT
+            optimizer's own `probe_every` wins). Defaults to 100.
+        csv_path: Optional path of a CSV file of the rows.
+        tensorboard_dir: Optional TensorBoard log directory (needs
+            TensorFlow and TensorBoard installed; any backend).
+        append: Append to an existing CSV file (when resuming).
+        count_flops: Count analytic training FLOPs (`keras_mat.flops`).
+        show_flops: Also show the FLOPs counters in the progress bar.
+        recompile: `"auto"` (compile a skip set only when it pays),
+            `"always"` or `"never"` (skip only what needs no new compile).
+        max_cached_steps: Compiled train steps kept (one per skip set).
+        batch_size: Training batch size for the FLOPs counters. Defaults to
+            the size of the first batch when `x` is batched data, else to
+            32 (`fit`'s default).
+
+    Example:
+
+    >>> keras_mat.annotate(model)  # doctest: +SKIP
+    >>> model.compile(optimizer=keras_mat.wrap(keras.optimizers.AdamW(1e-3)), loss=...)  # doctest: +SKIP
+    >>> mat = keras_mat.MATCallback(x_train)  # doctest: +SKIP
+    >>> model.fit(x_train, y_train, callbacks=[mat])  # doctest: +SKIP
+    >>> keras_mat.plot_lambda(mat)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        x,
+        y=None,
+        probe_samples=None,
+        probe_every=DEFAULT_PROBE_EVERY,
+        csv_path=None,
+        tensorboard_dir=None,
+        append=False,
+        count_flops=True,
+        show_flops=False,
+        recompile="auto",
+        max_cached_steps=8,
+        batch_size=None,
+    ):
         super().__init__()
-        self.probe_data = probe_data
-        self.every = every
-        self.ntk_output = ntk_output
-        self.step = 0
+        if probe_samples is not None and (
+            isinstance(probe_samples, bool)
+            or not isinstance(probe_samples, (int, np.integer))
+            or probe_samples < 1
+        ):
+            raise ValueError(
+                f"`probe_samples` must be an int >= 1. Received: probe_samples={probe_samples!r}"
+            )
+        if isinstance(probe_every, bool) or not isinstance(probe_every, (int, np.integer)) or probe_every < 1:
+            raise ValueError(f"`probe_every` must be an int >= 1. Received: probe_every={probe_every!r}")
+        if recompile not in ("auto", "always", "never"):
+            raise ValueError(
+                f"`recompile` must be 'auto', 'always' or 'never'. Received: recompile={recompile!r}"
+            )
+        if (
+            isinstance(max_cached_steps, bool)
+            or not isinstance(max_cached_steps, int)
+            or max_cached_steps < 1
+        ):
+            raise ValueError(
+                f"`max_cached_steps` must be an int >= 1. Received: max_cached_steps={max_cached_steps!r}"
+            )
+        if x is None:
+            raise ValueError("MATCallback needs probe data (training inputs). Received: x=None")
+        self._data = (x, y)
+        self.probe_samples = None if probe_samples is None else int(probe_samples)
+        self.probe_every = int(probe_every)
+        self.csv_path = None if csv_path is None else os.fspath(csv_path)
+        self.tensorboard_dir = tensorboard_dir
+        self.append = bool(append)
+        self.count_flops = bool(count_flops)
+        self.show_flops = bool(show_flops)
+        self.recompile = recompile
+        self.max_cached_steps = max_cached_steps
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
+            raise ValueError(f"`batch_size` must be an int >= 1. Received: batch_size={batch_size!r}")
+        self.batch_size = batch_size
+        self._first_batch = None
+        self.rows = []
+        self.flops = {"train": 0.0, "probe": 0.0, "executed": 0.0}
+        self._probe_set = None
+        self._probe_key = None
+        self._writer = None
+        self._cache = {}  # frozenset of skipped variable ids -> compiled train function
+        self._order = []
+        self._compile_seconds = []
+        self._skip_history = []
+        self._warned = set()
+        self._report = None
+        self._cost = {}
+        self._num_compiles = 0
+        self._measurement = 0
+
+    # ---------------------------------------------------------------------------------
+    # Set-up
+    # ---------------------------------------------------------------------------------
+
+    def _families(self):
+        if self._opt is not None:
+            return list(self._opt.families)
+        groups = get_groups(self.model)
+        return list(groups) if groups is not None else list(discover_groups(self.model))
+
+    def on_train_begin(self, logs=None):
+        model = self.model
+        self._opt = opt = find_mat_optimizer(getattr(model, "optimizer", None))
+        if opt is not None:
+            opt._driven = True
+        backends.trainer().check_distribution(model)
+        if opt is not None and not opt.built:
+            scope = model.distribute_strategy.scope() if backends.name() == "tensorflow" else None
+            with scope or contextlib.nullcontext():
+                model.optimizer.build(model.trainable_variables)
+        n = self.probe_samples or (opt.probe_samples if opt is not None else DEFAULT_PROBE_SAMPLES)
+        if self._probe_set is None or _size(self._probe_set[0]) != n:
+            px, py, first = _take_probe_set(*self._data, n)
+            self._probe_set = (px, py)
+            self._first_batch = first or self._first_batch
+        self._every = opt.probe_every if opt is not None else self.probe_every
+        self._measures = opt is None or isinstance(opt.policy, str)
+        self._schedule = opt is not None and opt.policy is not None and not isinstance(opt.policy, str)
+        if self._schedule and model.steps_per_execution != 1:
+            raise ValueError(
+                "A mask schedule sets the masks before every step: compile with "
+                f"steps_per_execution=1. Received: steps_per_execution={model.steps_per_execution}"
+            )
+        families = self._families()
+        if not families:
+            raise ValueError(
+                "MATCallback found no module family: call keras_mat.annotate(model) before "
+                "compile(), or compile with a keras_mat.wrap(...) optimizer. Received: families=[]"
+            )
+        self._families_now = families
+        mode = opt.ntk_output if opt is not None else "auto"
+        px, py = self._probe_set
+        mode = ntk.resolve_ntk_output(model, px, mode)
+        loss = model.loss if mode == "loss" else None
+        if mode == "loss" and loss is None:
+            raise ValueError("ntk_output='loss' needs the model compiled with a loss. Received: loss=None")
+        if mode == "loss" and py is None:
+            raise ValueError(
+                "ntk_output='loss' needs probe targets: pass `y` to MATCallback. Received: y=None"
+            )
+        self._probe = ntk.get_probe(model, families, mode, loss=loss, x=px)
+        self._probe_inputs = (
+            tree.map_structure(ops.convert_to_tensor, px),
+            None if py is None else tree.map_structure(ops.convert_to_tensor, py),
+        )
+        self._step = int(ops.convert_to_numpy(opt.iterations.value)) if opt is not None else 0
+        self._first_step = self._step
+        self._compiles = backends.trainer().compiles_train_step(model)
+        self._step_seconds = None
+        self._last_time = None
+        self._pending_compile = None
+        # Flags left from an interrupted fit: start from the full step.
+        if opt is not None and opt.skipped_variables:
+            opt._set_skipped([])
+            _rebuild_functions(model)
+        if self._cache.get(frozenset()) is not model.train_function:
+            # A new compiled step (first fit, or the model was compiled again).
+            self._cache = {frozenset(): model.train_function}
+            self._order = [frozenset()]
+        self._total_params = float(sum(int(np.prod(v.shape)) for v in model.trainable_variables))
+        if self.count_flops and self._report is None:
+            try:
+                shapes = tree.map_structure(lambda a: tuple(np.shape(a)[1:]), px)
+                self._report = flops.count_flops(model, 1, input_shapes=shapes, groups=families)
+                rows = getattr(self._probe, "rows_per_sample", None) or getattr(
+                    self._probe, "_rows_per_sample", 1
+                )
+                self._probe_cost = flops.probe_flops(self._report, _size(px), rows or 1)
+            except Exception as err:  # FLOPs are reporting only: never block training
+                self._warn("flops", f"keras_mat: FLOPs accounting is off for this model ({err})")
+                self._report = None
+        self._batch_size = self.batch_size or self._first_batch or 32
+        if opt is None:
+            self._active_host = [np.ones((g.num_modules,), bool) for g in families]
+            self._frozen_host = [np.zeros((g.num_modules,), bool) for g in families]
+        if self.csv_path and not (self.append and os.path.exists(self.csv_path)):
+            with open(self.csv_path, "w", newline="") as f:
+                csv.writer(f).writerow(_FIELDS)
+        if self.tensorboard_dir and self._writer is None:
+            try:
+                import tensorboard  # noqa: F401  (tf.summary writes through it)
+                import tensorflow as tf
+            except ImportError as err:  # pragma: no cover - depends on the install
+                raise ImportError(
+                    "MATCallback(tensorboard_dir=...) writes with tf.summary: install tensorflow and "
+                    f"tensorboard. Received: tensorboard_dir={self.tensorboard_dir!r}"
+                ) from err
+            self._writer = tf.summary.create_file_writer(self.tensorboard_dir)
+        if opt is not None:
+            self._apply_skip(self._steps_left())
+
+    def _warn(self, key, message):
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=3)
+
+    # ---------------------------------------------------------------------------------
+    # Per step
+    # ---------------------------------------------------------------------------------
+
+    def _due(self, steps):
+        # A measurement falls in the coming `steps` optimizer steps.
+        return (-self._step) % self._every < steps
 
     def on_train_batch_begin(self, batch, logs=None):
-        if self.step % self.every == 0:
-            from keras_mat.ntk import module_lambda_max
+        spe = int(self.model.steps_per_execution or 1)
+        now = time.perf_counter()
+        if self._measures and self._due(spe):
+            self._measure_now()
+        elif self._schedule:
+            backends.trainer().sync_state(self.model)
+            if self._opt.follow_schedule(self._step):
+                self._apply_skip(1)
+        self._begin = time.perf_counter()
+        self._overhead = self._begin - now
 
-            if backends.name() == "jax":
-                self.model.jax_state_sync()
-            px, py = self.probe_data
-            mode = self.ntk_output
-            lam = module_lambda_max(self.model, px, y=py, ntk_output=mode)
-            self.model.keras_mat_history.append({"step": self.step, "lambda_max": lam})
-        self.step += 1
-
-
-# --------------------------------------------------------------------------------------
-# Installation
-# --------------------------------------------------------------------------------------
-
-
-def _batch_size_of(x, kwargs, probe_data):
-    # Nominal batch size for FLOPs: fit's batch_size for arrays (default 32),
-    # else the first batch of a dataset (a short last batch is over-counted).
-    if kwargs.get("batch_size"):
-        return int(kwargs["batch_size"])
-    tf = sys.modules.get("tensorflow")  # (see capture_probe_set)
-    if tf is not None and isinstance(x, tf.data.Dataset):
-        first = next(iter(x))
-        return int(np.shape(tree.flatten(first)[0])[0])
-    if isinstance(x, keras.utils.PyDataset):
-        return int(np.shape(tree.flatten(x[0])[0])[0])
-    if probe_data is not None and isinstance(x, (np.ndarray, dict, list, tuple)):
-        return min(32, _size(x))
-    return 32
-
-
-def _check_distribution(model):
-    """Raises where MAT under a distribution engine would not keep the
-    replicas' masks identical (see README, "Scaling out")."""
-    name = backends.name()
-    if name == "tensorflow":
-        import tensorflow as tf
-
-        strategy = model.distribute_strategy
-        if strategy.num_replicas_in_sync > 1 and not isinstance(strategy, tf.distribute.MirroredStrategy):
-            raise NotImplementedError(
-                "keras_mat's MAT step supports tf.distribute.MirroredStrategy (one machine, several "
-                f"devices) and single-replica strategies. Received: {type(strategy).__name__} with "
-                f"{strategy.num_replicas_in_sync} replicas"
+    def _measure_now(self):
+        model, opt = self.model, self._opt
+        backends.trainer().sync_state(model)
+        lam = self._probe(*self._probe_inputs)
+        lam = {
+            g.name: np.asarray(ops.convert_to_numpy(v), "float32") for g, v in zip(self._families_now, lam)
+        }
+        if self._report is not None:
+            self.flops["probe"] += self._probe_cost
+        finite = all(np.all(np.isfinite(v)) for v in lam.values())
+        if not finite:
+            self._warn(
+                "nonfinite",
+                "keras_mat: a measurement gave a non-finite lambda_max; it is skipped and the masks "
+                "stay as they are (the next measurement takes its place).",
             )
-    elif name == "jax":
-        import jax
+            return
+        if opt is None:
+            self._emit(lam, None, None)
+            self._measurement += 1
+            return
+        opt.update_masks(lam)
+        self._emit(lam, opt.masks, opt.frozen)
+        self._apply_skip(self._steps_left())
 
-        if jax.process_count() > 1:
-            raise NotImplementedError(
-                "keras_mat's MAT step runs in one JAX process (keras.distribution over its local "
-                "devices); multi-process training would probe a different fixed probe set in "
-                f"every process. Received: jax.process_count()={jax.process_count()}"
+    def _steps_left(self):
+        # Optimizer steps until the next measurement (or the end of training).
+        until_next = self._every - (self._step % self._every) if self._measures else 1
+        params = self.params or {}
+        total = params.get("steps")
+        epochs = params.get("epochs")
+        if total and epochs:
+            remaining = total * epochs - (self._step - self._first_step)
+            until_next = min(until_next, max(remaining, 1))
+        return until_next
+
+    def on_train_batch_end(self, batch, logs=None):
+        end = time.perf_counter()
+        spe = int(self.model.steps_per_execution or 1)
+        seconds = (end - self._begin) / spe
+        if self._pending_compile is not None:
+            # The first call of a new variant compiled it.
+            key = self._pending_compile
+            self._pending_compile = None
+            base = self._step_seconds or 0.0
+            self._compile_seconds.append((tuple(sorted(key)), max(seconds * spe - base * spe, 0.0)))
+        elif self._step_seconds is None:
+            self._step_seconds = seconds
+        else:
+            self._step_seconds = 0.9 * self._step_seconds + 0.1 * seconds
+        if self._report is not None:
+            train, executed = self._step_cost()
+            self.flops["train"] += train * self._batch_size * spe
+            self.flops["executed"] += executed * self._batch_size * spe
+        self._step += spe
+        if logs is not None and self._opt is not None and self._families_now:
+            active, frozen = self._fractions
+            logs["mat_active"] = active
+            logs["mat_frozen"] = frozen
+            if self.show_flops and self._report is not None:
+                logs["mat_gflop_trained"] = self.flops["train"] / 1e9
+                logs["mat_gflop_probes"] = self.flops["probe"] / 1e9
+
+    @property
+    def _fractions(self):
+        masks = self._active_host
+        total = float(sum(g.num_modules for g in self._families_now))
+        active = sum(float(np.sum(m)) for m in masks) / total
+        frozen = sum(float(np.sum(f)) for f in self._frozen_host) / total
+        return active, frozen
+
+    def _step_cost(self):
+        key = (self._skip_key, tuple(tuple(m.tolist()) for m in self._active_host))
+        cost = self._cost.get(key)
+        if cost is None:
+            masks = {g.name: m for g, m in zip(self._families_now, self._active_host)}
+            analytic = flops.step_flops(self._report, masks, frozen_prefix="auto")
+            executed = flops.step_flops(
+                self._report, self._executed_masks(self._skip_key), frozen_prefix="auto", granularity="family"
             )
-    elif name == "torch":
-        import torch.distributed as dist
+            cost = self._cost[key] = (analytic, executed)
+        return cost
 
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            raise NotImplementedError(
-                "Keras's `fit` on torch does not synchronize replicas, so each rank would train "
-                "(and mask) its own copy. Use a custom loop with keras_mat.apply_measurement "
-                '(README, "Scaling out"; examples/torch_ddp.py). Received: torch.distributed '
-                f"world_size={dist.get_world_size()}"
+    def _executed_masks(self, skipped_ids):
+        out = {}
+        for g in self._families_now:
+            off = all(id(v) in skipped_ids for v in g.variables)
+            out[g.name] = np.full((g.num_modules,), not off)
+        return out
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and self._opt is not None:
+            logs["mat_active"], logs["mat_frozen"] = self._fractions
+        if self._report is None:
+            return
+        values = {
+            "mat_gflop_trained": self.flops["train"] / 1e9,
+            "mat_gflop_probes": self.flops["probe"] / 1e9,
+            "mat_gflop_executed": (self.flops["executed"] + self.flops["probe"]) / 1e9,
+        }
+        if self.show_flops and logs is not None:
+            logs.update(values)
+            return
+        history = getattr(self.model, "history", None)
+        if isinstance(history, keras.callbacks.History):
+            for key, value in values.items():
+                history.history.setdefault(key, []).append(value)
+
+    def on_train_end(self, logs=None):
+        opt = self._opt
+        if opt is not None and opt.skipped_variables:
+            backends.trainer().sync_state(self.model)
+            opt._set_skipped([])
+            self._use_variant(frozenset())
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    # Validation inside `fit` runs with every variable trainable (one compiled
+    # test step whatever the skip set).
+    def on_test_begin(self, logs=None):
+        opt = self._opt
+        if opt is not None and opt.skipped_variables:
+            self._resume = frozenset(id(v) for v in opt.skipped_variables)
+            backends.trainer().sync_state(self.model)
+            opt._set_skipped([])
+            self._use_variant(frozenset())
+        else:
+            self._resume = None
+
+    def on_test_end(self, logs=None):
+        resume = getattr(self, "_resume", None)
+        if resume:
+            variables = [v for v in self._opt._trainable_variables if id(v) in resume]
+            self._opt._set_skipped(variables)
+            self._use_variant(resume)
+        self._resume = None
+
+    # ---------------------------------------------------------------------------------
+    # Skip set and compiled variants
+    # ---------------------------------------------------------------------------------
+
+    @property
+    def _skip_key(self):
+        return frozenset(id(v) for v in self._opt.skipped_variables) if self._opt is not None else frozenset()
+
+    def _refresh_masks(self):
+        opt = self._opt
+        active = opt.masks
+        frozen = opt.frozen
+        self._active_host = [np.asarray(active[g.name], bool) for g in self._families_now]
+        self._frozen_host = [np.asarray(frozen[g.name], bool) for g in self._families_now]
+
+    def _ratio(self, key):
+        # Predicted cost of a step with `key` skipped, relative to the full step.
+        if not key:
+            return 1.0
+        if self._report is not None:
+            full = flops.step_flops(self._report, None)
+            part = flops.step_flops(
+                self._report, self._executed_masks(key), frozen_prefix="auto", granularity="family"
             )
+            return part / full if full else 1.0
+        skipped = sum(int(np.prod(v.shape)) for v in self._opt._trainable_variables if id(v) in key)
+        return 1.0 - skipped / max(self._total_params, 1.0) / 3.0  # a variable's dW is ~1/3 of its work
 
+    def _use_variant(self, key):
+        # Validation inside `fit` always runs with every variable trainable
+        # (see on_test_begin), so the compiled test step never goes stale.
+        fn = self._cache.get(key)
+        if fn is not None:
+            self.model.train_function = fn
+            self._order.remove(key)
+            self._order.append(key)
+            return
+        self.model.make_train_function(force=True)
+        self._cache[key] = self.model.train_function
+        self._order.append(key)
+        if self._compiles:
+            self._pending_compile = key
+            self._num_compiles += 1
+        while len(self._cache) > self.max_cached_steps:
+            oldest = next(k for k in self._order if k)  # the full step stays
+            self._order.remove(oldest)
+            self._cache.pop(oldest, None)
 
-def _fit(self, x=None, y=None, *args, **kwargs):
-    mat = find_mat_optimizer(getattr(self, "optimizer", None))
-    callbacks = list(kwargs.pop("callbacks", None) or [])
-    if mat is None:
-        # Measurement-only mode.
-        probe_data = capture_probe_set(x, y, _DEFAULT_MEASURE_SAMPLES)
-        if probe_data is not None:
-            callbacks.append(_MeasureCallback(probe_data, _DEFAULT_MEASURE_EVERY))
-        object.__setattr__(self, "_keras_mat_runtime", None)
-        return type(self).fit(self, x, y, *args, callbacks=callbacks, **kwargs)
-    if getattr(self, "_keras_mat_enabled", False) is not True:
-        raise ValueError(
-            "The model was compiled with a keras_mat optimizer but never annotated: call "
-            "`keras_mat.annotate(model)` before `fit`. Received: model not annotated"
-        )
-    _check_distribution(self)
-    if not mat.built:
-        # TF: under the model's tf.distribute strategy, as Keras builds it.
-        tf_strategy = backends.name() == "tensorflow"
-        with self.distribute_strategy.scope() if tf_strategy else contextlib.nullcontext():
-            self.optimizer.build(self.trainable_variables)
-    if not mat.families:
-        raise ValueError(
-            "keras_mat.wrap(...) found no module family among the model's trainable variables: "
-            "call keras_mat.annotate(model) before compile(). Received: families=[]"
-        )
-    # Peeked even with probe="batch": ntk_output="auto" needs a sample to size the outputs.
-    probe_data = capture_probe_set(x, y, mat.probe_samples)
-    if mat.probe == "fixed" and probe_data is None:
-        warnings.warn(
-            "keras_mat: the training data cannot be peeked (a Python generator); "
-            "probing on the current batch instead (probe='batch').",
-            stacklevel=2,
-        )
-    previous = getattr(self, "_keras_mat_runtime", None)
-    if previous is not None and previous.matches(mat, probe_data):
-        runtime = previous  # same probe set and options: keep the compiled step
-    else:
-        runtime = _Runtime(self, mat, probe_data)
-        # The probe set is a constant of the compiled step: retrace only when
-        # it (or the MAT configuration) changed.
-        self.train_function = None
-    object.__setattr__(self, "_keras_mat_runtime", runtime)
-    runtime.step = int(mat.iterations.numpy())  # (convert_to_numpy fails on a TF mirrored int in scope)
-    if runtime.schedule and self.steps_per_execution != 1:
-        raise ValueError(
-            "A mask schedule (keras_mat.baselines) sets the masks before every step: compile "
-            f"with steps_per_execution=1. Received: steps_per_execution={self.steps_per_execution}"
-        )
-    # With policy=None the masks are the user's: the skip set is taken from
-    # them here, at the start of fit (change masks between fits, not inside).
-    if self.steps_per_execution == 1 and (getattr(mat, "skip_gradients", True) or runtime.schedule):
-        masks = [ops.convert_to_numpy(s["mask"].value) for s in runtime.state_vars]
-        frozen = [ops.convert_to_numpy(s["frozen"].value) for s in runtime.state_vars]
-        runtime.next_skip = (
-            runtime.skip_from_masks(masks, frozen) if getattr(mat, "skip_gradients", True) else ()
-        )
-        runtime.active_np = [np.asarray(m) * (1.0 - np.asarray(z)) for m, z in zip(masks, frozen)]
-        if runtime.flops_report is None and getattr(mat, "count_flops", True):
-            runtime.setup_flops(_batch_size_of(x, kwargs, probe_data))
-        if not isinstance(self.train_function, _Dispatcher) or self.train_function.rt is not runtime:
-            dispatcher = _Dispatcher(self, runtime)
-            if self.train_function is not None:
-                # Reuse the step compiled by the previous fit for its skip set.
-                dispatcher.cache[runtime.skip] = self.train_function
-                dispatcher.order.append(runtime.skip)
-            self.train_function = dispatcher
-        self.train_function.reset_schedule()
-    return type(self).fit(self, x, y, *args, callbacks=callbacks, **kwargs)
+    def _apply_skip(self, steps_left):
+        opt = self._opt
+        self._refresh_masks()
+        wanted = frozenset(id(v) for v in opt.skippable_variables())
+        current = self._skip_key
+        choice = wanted
+        if wanted not in self._cache and self._compiles and self.recompile != "always":
+            # The best cached variant still valid (a subset of what may be skipped).
+            valid = [k for k in self._cache if k <= wanted]
+            best = min(valid, key=self._ratio, default=frozenset())
+            if self.recompile == "never":
+                choice = best
+            else:
+                step = self._step_seconds
+                compile_cost = max((c for _, c in self._compile_seconds), default=None)
+                if step is None or compile_cost is None:
+                    # Nothing measured yet: estimate a compile as 20 steps.
+                    compile_cost = 20.0 * (step or 0.0) if step is not None else math.inf
+                saving = steps_left * (step or 0.0) * (self._ratio(best) - self._ratio(wanted))
+                if saving <= compile_cost:
+                    choice = best
+        variables = [v for v in opt._trainable_variables if id(v) in choice]
+        if choice != current:
+            backends.trainer().sync_state(self.model)
+            opt._set_skipped(variables)
+            self._use_variant(choice)
+            self._skip_history.append((self._step, tuple(v.path for v in variables)))
 
+    # ---------------------------------------------------------------------------------
+    # Records
+    # ---------------------------------------------------------------------------------
 
-def install(model):
-    """Installs the MAT train step and `fit` on this model instance."""
-    step = {"jax": _jax_train_step, "tensorflow": _tf_train_step, "torch": _torch_train_step}[backends.name()]
-    object.__setattr__(model, "train_step", types.MethodType(step, model))
-    object.__setattr__(model, "fit", types.MethodType(_fit, model))
-    object.__setattr__(model, "_keras_mat_enabled", True)
-    if not hasattr(model, "_keras_mat_runtime"):
-        object.__setattr__(model, "_keras_mat_runtime", None)
-    if not hasattr(model, "keras_mat_history"):
-        object.__setattr__(model, "keras_mat_history", [])
-    return model
+    def _emit(self, lam, masks, frozen):
+        measurement = (
+            int(ops.convert_to_numpy(self._opt.num_measurements.value)) - 1
+            if self._opt is not None
+            else self._measurement
+        )
+        new = []
+        for fam, values in lam.items():
+            for i, value in enumerate(np.asarray(values).reshape(-1)):
+                new.append(
+                    {
+                        "step": self._step,
+                        "measurement": measurement,
+                        "family": fam,
+                        "module": i,
+                        "lambda_max": float(value),
+                        "active": int(bool(masks[fam][i])) if masks is not None else 1,
+                        "frozen": int(bool(frozen[fam][i])) if frozen is not None else 0,
+                        "train_flops": self.flops["train"],
+                        "total_flops": self.flops["train"] + self.flops["probe"],
+                    }
+                )
+        self.rows.extend(new)
+        if self.csv_path:
+            with open(self.csv_path, "a", newline="") as f:
+                writer = csv.writer(f)
+                for row in new:
+                    writer.writerow([row[k] for k in _FIELDS])
+        if self._writer is not None:
+            import tensorflow as tf
+
+            with self._writer.as_default(step=self._step):
+                total = max(len(new), 1)
+                tf.summary.scalar("mat/active_fraction", sum(r["active"] for r in new) / total)
+                tf.summary.scalar("mat/frozen_fraction", sum(r["frozen"] for r in new) / total)
+                for fam, values in lam.items():
+                    tf.summary.histogram(f"mat/lambda_max/{fam}", np.asarray(values, np.float32))
+            self._writer.flush()
+
+    def step_cache_info(self):
+        """How the skip set was applied in this callback's `fit` calls.
+
+        Returns:
+            A dict: `num_compiles` (train-step variants built for a skip
+            set, the full step not counted), `compile_seconds` (list of
+            `(skipped variable ids, seconds)` measured on each variant's
+            first call), `cached` (skip sets with a cached step, as tuples of
+            variable paths), `skip_history` (list of `(step, skipped variable
+            paths)` at each change of the applied set).
+        """
+        paths = {id(v): v.path for v in (self._opt._trainable_variables if self._opt is not None else [])}
+        return {
+            "num_compiles": self._num_compiles,
+            "compile_seconds": [(tuple(paths.get(i, i) for i in k), s) for k, s in self._compile_seconds],
+            "cached": [tuple(sorted(paths.get(i, str(i)) for i in k)) for k in self._order],
+            "skip_history": list(self._skip_history),
+        }

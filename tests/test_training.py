@@ -1,4 +1,4 @@
-"""The MAT training step inside `fit`, on every backend."""
+"""MAT inside `fit` (`MATCallback`), `train_on_batch` and custom loops, on every backend."""
 
 import os
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import keras_mat
-from keras_mat.callbacks import MATLogger, plot_lambda
+from keras_mat.callbacks import MATCallback, plot_lambda
 from keras_mat.optimizer import wrap
 from keras_mat.reference import module_selector
 from keras_mat.training import find_mat_optimizer
@@ -37,16 +37,14 @@ class _Snapshots(keras.callbacks.Callback):
         self.weights, self.active = [], []
 
     def on_train_begin(self, logs=None):
-        self.weights.append(
-            [np.array(keras.ops.convert_to_numpy(v.value)) for v in self.model.trainable_variables]
-        )
+        # A fixed list: `trainable_variables` shrinks while MAT skips variables.
+        self.variables = list(find_mat_optimizer(self.model.optimizer)._trainable_variables)
+        self.weights.append([np.array(keras.ops.convert_to_numpy(v.value)) for v in self.variables])
 
     def on_train_batch_end(self, batch, logs=None):
         _sync(self.model)
         opt = find_mat_optimizer(self.model.optimizer)
-        self.weights.append(
-            [np.array(keras.ops.convert_to_numpy(v.value)) for v in self.model.trainable_variables]
-        )
+        self.weights.append([np.array(keras.ops.convert_to_numpy(v.value)) for v in self.variables])
         self.active.append({k: v.copy() for k, v in opt.masks.items()})
 
 
@@ -62,7 +60,7 @@ def _compile(model, jit, **mat):
 
 
 def _module_slices(model, step_weights, group, module):
-    index = {id(v): i for i, v in enumerate(model.trainable_variables)}
+    index = {id(v): i for i, v in enumerate(find_mat_optimizer(model.optimizer)._trainable_variables)}
     out = []
     for v, axis in zip(group.variables, group.axes):
         sel = module_selector(tuple(v.shape), axis, group.num_modules, module)
@@ -86,36 +84,39 @@ def _check_masked_modules_unchanged(model, snaps):
     assert moved > 0, "no active module ever moved"
 
 
+def _fit(model, x, y, callbacks=(), epochs=2, mat=None, **kwargs):
+    mat = mat or MATCallback(x, y)
+    hist = model.fit(
+        x, y, batch_size=8, epochs=epochs, verbose=0, shuffle=False, callbacks=[mat, *callbacks], **kwargs
+    )
+    return hist, mat
+
+
 @pytest.mark.parametrize("jit", JIT)
 def test_fit_transformer_masks_change_and_masked_modules_stay(jit):
-    m = models.set_weights_deterministic(keras_mat.annotate(models.mha()))
+    m = models.set_weights_deterministic(keras_mat.annotate(models.mha(), dense=True))
     opt = _compile(m, jit)
     x, y = _data(m)
-    snaps, log = _Snapshots(), MATLogger()
-    hist = m.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False, callbacks=[snaps, log])
+    snaps = _Snapshots()
+    hist, log = _fit(m, x, y, [snaps])
     _check_masked_modules_unchanged(m, snaps)
     # The masks changed over time and some module was stopped for good.
     patterns = {tuple(np.concatenate([a[k] for k in sorted(a)])) for a in snaps.active}
     assert len(patterns) > 1
     assert any(f.any() for f in opt.frozen.values())
     # A frozen module stays frozen and never moves again.
-    first = {}
-    for t, active in enumerate(snaps.active):
-        for g in keras_mat.get_groups(m):
-            for i in range(g.num_modules):
-                if not active[g.name][i]:
-                    first.setdefault((g.name, i), t)
-    for (name, i), _ in first.items():
-        if opt.frozen[name][i]:
-            g = [g for g in keras_mat.get_groups(m) if g.name == name][0]
-            t0 = max(t for t in range(len(snaps.active)) if snaps.active[t][name][i]) + 1
-            ref = _module_slices(m, snaps.weights[t0], g, i)
-            for w in snaps.weights[t0:]:
-                assert all(np.array_equal(a, b) for a, b in zip(ref, _module_slices(m, w, g, i)))
-    # History and the progress bar see the active/frozen fractions.
+    for g in keras_mat.get_groups(m):
+        for i in range(g.num_modules):
+            if opt.frozen[g.name][i]:
+                t0 = max(t for t in range(len(snaps.active)) if snaps.active[t][g.name][i]) + 1
+                ref = _module_slices(m, snaps.weights[t0], g, i)
+                for w in snaps.weights[t0:]:
+                    assert all(np.array_equal(a, b) for a, b in zip(ref, _module_slices(m, w, g, i)))
+    # History sees the active/frozen fractions and the FLOPs counters.
     assert "mat_active" in hist.history and "mat_frozen" in hist.history
     assert 0 < hist.history["mat_active"][-1] < 1
-    # The logger saw every measurement (steps 0, 2, ..., 14).
+    assert hist.history["mat_gflop_trained"][-1] > 0
+    # The log holds every measurement (steps 0, 2, ..., 14).
     assert sorted({r["step"] for r in log.rows}) == list(range(0, 16, 2))
     assert int(keras.ops.convert_to_numpy(opt.num_measurements.value)) == 8
 
@@ -124,32 +125,32 @@ def test_fit_cnn_per_layer_scope(tmp_path):
     m = models.set_weights_deterministic(keras_mat.annotate(models.cnn()))
     opt = _compile(m, False, alpha=0.5, beta=1e-4)
     x, y = _data(m, n=32)
-    snaps, log = _Snapshots(), MATLogger(str(tmp_path / "mat.csv"))
-    m.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=[snaps, log])
+    snaps = _Snapshots()
+    _, log = _fit(m, x, y, [snaps], epochs=1, mat=MATCallback(x, csv_path=tmp_path / "mat.csv"))
     _check_masked_modules_unchanged(m, snaps)
     # Per-layer thresholds: every conv layer keeps its top filter active.
     for name in ("c0/filters", "c1/filters"):
         assert any(a[name].any() for a in snaps.active)
         assert all(a[name].any() for a in snaps.active)
         assert not all(a[name].all() for a in snaps.active[2:])
-    png = plot_lambda(str(tmp_path / "mat.csv"), str(tmp_path / "lambda.png"))
-    assert os.path.getsize(png) > 1000
+    fig = plot_lambda(str(tmp_path / "mat.csv"), str(tmp_path / "lambda.png"))
+    assert os.path.getsize(tmp_path / "lambda.png") > 1000 and fig is not None
     assert opt.lambda_max["c1/filters"].shape == (6,)
 
 
 def test_measurement_only_mode_records_and_trains():
-    m = keras_mat.annotate(models.set_weights_deterministic(models.mha()))
+    m = keras_mat.annotate(models.set_weights_deterministic(models.mha()), dense=True)
     m.compile(
         optimizer=keras.optimizers.Adam(1e-2),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     x, y = _data(m, n=16)
     before = [np.array(keras.ops.convert_to_numpy(v.value)) for v in m.trainable_variables]
-    log = MATLogger()
-    m.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[log])
-    assert len(m.keras_mat_history) == 1 and m.keras_mat_history[0]["step"] == 0
-    assert set(m.keras_mat_history[0]["lambda_max"]) == {"mha/heads", "head"}
+    log = MATCallback(x, probe_every=2, probe_samples=4)
+    m.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[log])
+    assert sorted({r["step"] for r in log.rows}) == [0, 2]
     assert {r["family"] for r in log.rows} == {"mha/heads", "head"}
+    assert all(r["lambda_max"] > 0 and r["active"] == 1 for r in log.rows)
     after = [np.array(keras.ops.convert_to_numpy(v.value)) for v in m.trainable_variables]
     assert all(not np.array_equal(a, b) for a, b in zip(before, after))
 
@@ -157,21 +158,45 @@ def test_measurement_only_mode_records_and_trains():
 def test_wrap_without_annotate_fails_clearly():
     m = models.mlp()
     m.compile(optimizer=wrap(keras.optimizers.Adam()), loss="mse")
+    x = np.zeros((8, 4))
     with pytest.raises(ValueError, match="keras_mat.annotate"):
+        m.fit(x, np.zeros((8, 3)), verbose=0, callbacks=[MATCallback(x)])
+
+
+def test_mat_without_its_callback_warns():
+    m = keras_mat.annotate(models.mlp(), dense=True)
+    m.compile(optimizer=wrap(keras.optimizers.Adam()), loss="mse")
+    with pytest.warns(UserWarning, match="MATCallback"):
         m.fit(np.zeros((8, 4)), np.zeros((8, 3)), verbose=0)
 
 
-def test_probe_on_current_batch():
-    m = models.set_weights_deterministic(keras_mat.annotate(models.mha()))
-    opt = _compile(m, False, probe="batch")
-    x, y = _data(m, n=32)
-    m.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
-    assert int(keras.ops.convert_to_numpy(opt.num_measurements.value)) == 2
-    assert all(np.all(v > 0) for v in opt.lambda_max.values())
+def test_callback_arguments_are_checked():
+    x = np.zeros((4, 3))
+    for kwargs, name in (
+        ({"probe_samples": 0}, "probe_samples"),
+        ({"probe_every": "10"}, "probe_every"),
+        ({"recompile": "sometimes"}, "recompile"),
+        ({"batch_size": -1}, "batch_size"),
+    ):
+        with pytest.raises(ValueError, match=f"Received: {name}="):
+            MATCallback(x, **kwargs)
+    with pytest.raises(ValueError, match="Received: x=None"):
+        MATCallback(None)
+
+
+def test_probe_set_from_a_dataset_and_a_generator():
+    x = np.arange(40, dtype="float32").reshape(20, 2)
+    y = np.arange(20)
+    batches = [(x[i : i + 3], y[i : i + 3]) for i in range(0, 20, 3)]
+    px, py = keras_mat.take_probe_set(iter(batches), n=7)
+    np.testing.assert_array_equal(px, x[:7])
+    np.testing.assert_array_equal(py, y[:7])
+    px, py = keras_mat.take_probe_set(x, n=5)
+    assert py is None and px.shape == (5, 2)
 
 
 @pytest.mark.skipif(BACKEND == "torch", reason="torch runs the step eagerly: there is no trace to count.")
-def test_second_fit_and_mask_changes_do_not_retrace():
+def test_second_fit_and_unchanged_skip_sets_do_not_retrace():
     traces = []
 
     def loss(y_true, y_pred):
@@ -181,31 +206,33 @@ def test_second_fit_and_mask_changes_do_not_retrace():
     m = models.set_weights_deterministic(keras_mat.annotate(models.mha()))
     m.compile(optimizer=wrap(keras.optimizers.Adam(1e-2), probe_every=2, probe_samples=4), loss=loss)
     x, y = _data(m, n=32)
-    m.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    mat = MATCallback(x)
+    m.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=[mat])
     after_first = len(traces)
-    m.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False)
+    m.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False, callbacks=[mat])
     assert len(traces) == after_first
 
 
-def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("reannotate", [False, True])
+def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, reannotate):
     def build():
-        mdl = models.set_weights_deterministic(keras_mat.annotate(models.mha()))
+        mdl = models.set_weights_deterministic(keras_mat.annotate(models.mha(), dense=True))
         _compile(mdl, False)
         return mdl
 
     x, y = _data(build(), n=32)
     straight = build()
-    log_a = MATLogger()
-    straight.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False, callbacks=[log_a])
+    _, log_a = _fit(straight, x, y)
 
     first = build()
-    log_b = MATLogger()
-    first.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=[log_b])
+    _, log_b = _fit(first, x, y, epochs=1)
     path = str(tmp_path / "mat.keras")
     first.save(path)
     resumed = keras.models.load_model(path)
-    keras_mat.annotate(resumed)
-    resumed.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=[log_b])
+    if reannotate:
+        keras_mat.annotate(resumed, dense=True)
+    # Without annotating again, the optimizer re-attaches its saved families.
+    _fit(resumed, x, y, epochs=1, mat=log_b)
 
     key = lambda r: (r["step"], r["family"], r["module"])  # noqa: E731
     a = sorted(log_a.rows, key=key)
@@ -223,16 +250,14 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
 _XB_SCRIPT = r"""
 import json, sys
 import numpy as np, keras, keras_mat
-from keras_mat.callbacks import MATLogger
 from keras_mat.optimizer import wrap
 from tests import models
-from tests.cross_backend import only_in_jax_session, run_in_every_backend
-m = models.set_weights_deterministic(keras_mat.annotate(models.mha()))
+m = models.set_weights_deterministic(keras_mat.annotate(models.mha(), dense=True))
 m.compile(optimizer=wrap(keras.optimizers.Adam(1e-2), alpha=0.6, beta=0.05, probe_every=2, probe_samples=4),
           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 rng = np.random.RandomState(0)
 x = rng.randn(64, 4, 8).astype("float32"); y = rng.randint(0, 3, 64)
-log = MATLogger()
+log = keras_mat.MATCallback(x)
 m.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False, callbacks=[log])
 json.dump(log.rows, sys.stdout)
 """
@@ -261,20 +286,19 @@ class _GradProbe(keras.callbacks.Callback):
         self.no_grad = []
 
     def on_train_batch_end(self, batch, logs=None):
-        self.no_grad.append({i for i, v in enumerate(self.model.trainable_variables) if v.value.grad is None})
+        opt = find_mat_optimizer(self.model.optimizer)
+        self.no_grad.append({v.path for v in opt._trainable_variables if v.value.grad is None})
 
 
 def _mlp_run(skip, epochs=2):
-    from keras_mat.training import step_cache_info
-
-    m = models.set_weights_deterministic(keras_mat.annotate(models.mlp(inputs=6, hidden=16)))
-    opt = _compile(m, False, alpha=0.9, beta=1e-6, probe_every=3)
-    opt.skip_gradients = skip
+    m = models.set_weights_deterministic(keras_mat.annotate(models.mlp(inputs=6, hidden=16), dense=True))
+    opt = _compile(m, False, alpha=0.9, beta=1e-6, probe_every=3, skip_gradients=skip)
     x, y = _data(m, n=48)
     snaps = _Snapshots()
     cbs = [snaps] + ([_GradProbe()] if BACKEND == "torch" else [])
-    hist = m.fit(x, y, batch_size=8, epochs=epochs, verbose=0, shuffle=False, callbacks=cbs)
-    return m, opt, snaps, hist, step_cache_info(m), cbs
+    mat = MATCallback(x, recompile="always")
+    hist, _ = _fit(m, x, y, cbs, epochs=epochs, mat=mat)
+    return m, opt, snaps, hist, mat.step_cache_info(), cbs
 
 
 def test_frozen_variables_get_no_weight_gradient_and_same_result():
@@ -282,23 +306,25 @@ def test_frozen_variables_get_no_weight_gradient_and_same_result():
     _check_masked_modules_unchanged(m, snaps)
     skipped_sets = [s for _, s in info["skip_history"] if s]
     assert skipped_sets, f"no variable was ever skipped: {info}"
-    # One compiled variant per distinct skip set (plus the no-skip one), bounded,
-    # and each variant really traced with its own skip set.
-    assert info["num_compiles"] <= len({s for _, s in info["skip_history"]}) + 1 <= 9
-    if BACKEND != "torch":  # torch runs eagerly: nothing is traced
-        assert set(info["traces"]) == set(info["cached"])
-        assert any(key for key in info["traces"]), info
+    # One compiled variant per distinct skip set, bounded by the cache.
+    assert len(info["cached"]) <= 8
+    assert set(info["cached"]) - {()} <= {tuple(sorted(s)) for _, s in info["skip_history"]}
+    compiled = keras_mat.backends.trainer().compiles_train_step(m)
+    distinct = len({tuple(sorted(s)) for _, s in info["skip_history"] if s})
+    assert info["num_compiles"] == (distinct if compiled else 0), info
+    # After fit every variable is trainable again.
+    assert all(v.trainable for v in opt._trainable_variables) and not opt.skipped_variables
     if BACKEND == "torch":
         no_grad = cbs[1].no_grad
         assert any(no_grad), "torch computed every weight gradient"
         # Only fully-masked variables ever lack a gradient.
         for t, missing in enumerate(no_grad):
-            for i in missing:
-                v = m.trainable_variables[i]
+            for path in missing:
+                v = next(v for v in opt._trainable_variables if v.path == path)
                 fam = keras_mat.groups.group_of(v)[0]
                 assert not snaps.active[t][fam.name].any()
     m2, opt2, snaps2, hist2, info2, _ = _mlp_run(skip=False)
-    assert info2["skip_history"] == []
+    assert info2["skip_history"] == [] and info2["num_compiles"] == 0
     # Skipping is exact: same masks, same losses, same weights.
     assert [{k: v.tolist() for k, v in a.items()} for a in snaps.active] == [
         {k: v.tolist() for k, v in a.items()} for a in snaps2.active
@@ -308,18 +334,61 @@ def test_frozen_variables_get_no_weight_gradient_and_same_result():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_recompile_never_runs_only_cached_steps():
+    m = models.set_weights_deterministic(keras_mat.annotate(models.mlp(inputs=6, hidden=16), dense=True))
+    _compile(m, BACKEND != "torch", alpha=0.9, beta=1e-6, probe_every=3)
+    x, y = _data(m, n=48)
+    snaps = _Snapshots()
+    mat = MATCallback(x, recompile="never")
+    _fit(m, x, y, [snaps], mat=mat)
+    info = mat.step_cache_info()
+    assert info["num_compiles"] == 0 and info["cached"] == [()], info
+    _check_masked_modules_unchanged(m, snaps)
+
+
+def test_train_on_batch_and_custom_loop_skip_masked_variables():
+    # set_masks + sync_trainable: train_on_batch differentiates only the
+    # active variables; measure() drives MAT in a loop without fit.
+    m = models.set_weights_deterministic(keras_mat.annotate(models.mlp(inputs=6, hidden=16), dense=True))
+    opt = _compile(m, False, policy=None)
+    x, y = _data(m, n=16)
+    opt.build(m.trainable_variables)
+    opt.set_masks({"fc0": [False]})
+    assert keras_mat.sync_trainable(m)
+    assert [v.path for v in opt.skipped_variables] == ["fc0/kernel", "fc0/bias"]
+    assert len(m.trainable_variables) == 2
+    before = [np.array(keras.ops.convert_to_numpy(v.value)) for v in opt._trainable_variables]
+    m.train_on_batch(x, y)
+    after = [np.array(keras.ops.convert_to_numpy(v.value)) for v in opt._trainable_variables]
+    assert [not np.array_equal(a, b) for a, b in zip(before, after)] == [False, False, True, True]
+    opt.set_masks({"fc0": [True]})
+    assert keras_mat.sync_trainable(m) and not opt.skipped_variables
+    m.train_on_batch(x, y)
+    final = [np.array(keras.ops.convert_to_numpy(v.value)) for v in opt._trainable_variables]
+    assert all(not np.array_equal(a, b) for a, b in zip(after, final))
+    with pytest.raises(ValueError, match="active module"):
+        keras_mat.sync_trainable(m, variables=[opt._trainable_variables[0]])
+
+    m2 = models.set_weights_deterministic(keras_mat.annotate(models.mlp(inputs=6, hidden=16), dense=True))
+    opt2 = _compile(m2, False, alpha=0.9, beta=1e-6, probe_every=2)
+    for _ in range(6):
+        keras_mat.measure(m2, x[:4])
+        m2.train_on_batch(x, y)
+    assert int(keras.ops.convert_to_numpy(opt2.num_measurements.value)) == 3
+
+
 @pytest.mark.skipif(
     BACKEND == "jax", reason="JAX on CPU cannot run float16 matmuls (fails without keras_mat too)."
 )
 def test_mixed_precision_fit_nests_in_loss_scale_optimizer():
     keras.config.set_dtype_policy("mixed_float16")
     try:
-        m = models.set_weights_deterministic(keras_mat.annotate(models.mha()))
+        m = models.set_weights_deterministic(keras_mat.annotate(models.mha(), dense=True))
         opt = _compile(m, False)
         assert isinstance(m.optimizer, keras.optimizers.LossScaleOptimizer)
         x, y = _data(m, n=32)
         snaps = _Snapshots()
-        hist = m.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False, callbacks=[snaps])
+        hist, _ = _fit(m, x, y, [snaps])
     finally:
         keras.config.set_dtype_policy("float32")
     _check_masked_modules_unchanged(m, snaps)
@@ -330,29 +399,23 @@ def test_mixed_precision_fit_nests_in_loss_scale_optimizer():
 
 def test_within_variable_mask_changes_reuse_one_compiled_step():
     """Masks that change only *within* variables (some heads of a layer) never
-    change the skip set, so the step cache holds one variant, traced once."""
-    from keras_mat.training import step_cache_info
-
-    m = models.set_weights_deterministic(keras_mat.annotate(models.mha(heads=4), exclude=["head"]))
+    change the skip set: the one compiled step serves every measurement."""
+    m = models.set_weights_deterministic(keras_mat.annotate(models.mha(heads=4)))
     assert [g.name for g in keras_mat.get_groups(m)] == ["mha/heads"]
     _compile(m, BACKEND != "torch", alpha=0.5, beta=1e-12, probe_every=2)  # JAX eager would trace per call
     x, y = _data(m, n=32)
     snaps = _Snapshots()
-    hist = m.fit(x, y, batch_size=8, epochs=3, verbose=0, shuffle=False, callbacks=[snaps])
-    info = step_cache_info(m)
+    hist, mat = _fit(m, x, y, [snaps], epochs=3)
+    info = mat.step_cache_info()
     counts = [int(a["mha/heads"].sum()) for a in snaps.active]
     assert any(0 < c < 4 for c in counts), counts  # some heads were off ...
     assert len({tuple(a["mha/heads"]) for a in snaps.active}) > 1, counts  # ... and masks changed
-    assert len(info["skip_history"]) >= 5, info  # one entry per measurement
-    assert all(key == () for _, key in info["skip_history"]), info
-    assert info["num_compiles"] == 1 and list(info["cached"]) == [()], info
-    if BACKEND != "torch":  # torch runs eagerly: nothing is traced
-        assert info["traces"] == {(): 1}, info
+    assert info["skip_history"] == [] and info["num_compiles"] == 0 and info["cached"] == [()], info
     _check_masked_modules_unchanged(m, snaps)
     # MAT's accounting counts the active heads' weight gradients only; the step
     # computes every head's (no variable was fully off), and says so.
     logs = hist.history
-    assert logs["mat_executed_flops"][-1] > logs["mat_total_flops"][-1] > logs["mat_train_flops"][-1] > 0
+    assert logs["mat_gflop_executed"][-1] > logs["mat_gflop_trained"][-1] + logs["mat_gflop_probes"][-1] > 0
 
 
 class _CountingAdam(keras.optimizers.Adam):
@@ -371,9 +434,7 @@ class _CountingAdam(keras.optimizers.Adam):
 def test_skipped_variables_cost_no_optimizer_update():
     # A variable whose modules are all off is left out of the optimizer's
     # update altogether (no Adam work, no snapshot), and its slots stay put.
-    from keras_mat.training import step_cache_info
-
-    m = models.set_weights_deterministic(keras_mat.annotate(models.mlp(inputs=6, hidden=16)))
+    m = models.set_weights_deterministic(keras_mat.annotate(models.mlp(inputs=6, hidden=16), dense=True))
     inner = _CountingAdam(1e-2, name="counting_adam")
     m.compile(
         optimizer=wrap(inner, alpha=0.9, beta=1e-6, probe_every=3, probe_samples=4, warmup=1),
@@ -391,10 +452,10 @@ def test_skipped_variables_cost_no_optimizer_update():
             cb.values.append([np.array(keras.ops.convert_to_numpy(v.value)) for v in inner.variables])
 
     slots, snaps = Slots(), _Snapshots()
-    m.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False, callbacks=[snaps, slots])
-    info = step_cache_info(m)
+    _, mat = _fit(m, x, y, [snaps, slots], mat=MATCallback(x, recompile="always"))
+    info = mat.step_cache_info()
     tv = m.trainable_variables
-    skipped_paths = {tv[i].path for _, s in info["skip_history"] for i in s}
+    skipped_paths = {p for _, s in info["skip_history"] for p in s}
     assert skipped_paths, f"no variable was ever skipped: {info}"
     everything = {v.path for v in tv}
     partial = [u for u in inner.updated if u != everything]
@@ -436,8 +497,8 @@ def test_plot_lambda_many_modules_stays_readable(tmp_path):
                         frozen=int(m % 7 == 0 and step == 20),
                     )
                 )
-    png = plot_lambda(rows, str(tmp_path / "many.png"))
-    height = matplotlib.image.imread(png).shape[0]
+    plot_lambda(rows, str(tmp_path / "many.png"))
+    height = matplotlib.image.imread(str(tmp_path / "many.png")).shape[0]
     # Capped at 16 inches at 120 dpi; one row of 0.22 in per module would be 10,740 px.
     assert height <= 16 * 120, height
     with pytest.raises(ValueError, match="no measurement"):
@@ -445,13 +506,11 @@ def test_plot_lambda_many_modules_stays_readable(tmp_path):
 
 
 def _step_matmuls(model, x, y):
-    """Matrix products one MAT train step runs, for the skip set `fit` chose
-    (model's runtime `next_skip`), counted where each backend does the work:
+    """Matrix products one train step runs with the current `trainable` flags
+    (the skip set), counted where each backend does the work:
     JAX, `dot` ops in the XLA-optimized step (after dead-code elimination);
     TF, MatMul ops in the traced step graph; torch, `aten.mm` calls dispatched
     by one eager step (forward, autograd backward and optimizer)."""
-    rt = model._keras_mat_runtime
-    rt.skip = rt.next_skip
     if BACKEND == "jax":
         import jax
 
@@ -495,7 +554,7 @@ def test_step_runs_only_the_matmuls_of_trained_variables():
     h = keras.layers.Dense(16, activation="tanh", name="fc0")(inp)
     h = keras.layers.Dense(16, activation="tanh", name="fc1")(h)
     m = keras.Model(inp, keras.layers.Dense(3, name="fc2")(h))
-    keras_mat.annotate(m)
+    keras_mat.annotate(m, dense=True)
     groups = keras_mat.get_groups(m)
     assert [(g.name, g.num_modules) for g in groups] == [("fc0", 1), ("fc1", 1), ("fc2", 1)]
     opt = wrap(keras.optimizers.Adam(1e-2), policy=None)
@@ -506,11 +565,12 @@ def test_step_runs_only_the_matmuls_of_trained_variables():
     got = {}
     for off in expected:
         opt.set_masks({g.name: np.asarray([g.name not in off]) for g in groups})
-        before = [keras.ops.convert_to_numpy(v.value) for v in m.trainable_variables]
+        keras_mat.sync_trainable(m)
+        skipped = {v.path.split("/")[0] for v in opt.skipped_variables}
+        assert skipped == set(off), (off, skipped)
+        before = [keras.ops.convert_to_numpy(v.value) for v in opt._trainable_variables]
         m.fit(x, y, batch_size=8, epochs=1, verbose=0)
-        skipped = {m.trainable_variables[i].path.split("/")[0] for i in m._keras_mat_runtime.next_skip}
-        assert skipped == set(off), (off, m._keras_mat_runtime.next_skip)
-        for v, b in zip(m.trainable_variables, before):  # frozen variables stay bit for bit
+        for v, b in zip(opt._trainable_variables, before):  # frozen variables stay bit for bit
             moved = not np.array_equal(keras.ops.convert_to_numpy(v.value), b)
             assert moved == (v.path.split("/")[0] not in off), (off, v.path)
         got[off] = _step_matmuls(m, x, y)

@@ -38,3 +38,15 @@ def get():
             f"keras_mat supports the Keras backends {_SUPPORTED}. Received: backend={backend!r}"
         )
     return importlib.import_module(f"keras_mat.backends.{backend}")
+
+
+def trainer():
+    """The keras_mat training-integration module of the active Keras backend
+    (`<backend>_trainer.py`): state sync, whether the train step compiles,
+    and the distribution checks; chosen by backend, like Keras's trainers."""
+    backend = keras.config.backend()
+    if backend not in _SUPPORTED:
+        raise NotImplementedError(
+            f"keras_mat supports the Keras backends {_SUPPORTED}. Received: backend={backend!r}"
+        )
+    return importlib.import_module(f"keras_mat.backends.{backend}_trainer")

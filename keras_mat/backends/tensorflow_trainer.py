@@ -1,0 +1,24 @@
+"""TensorFlow side of the training integration."""
+
+import tensorflow as tf
+
+
+def sync_state(model):
+    """The state lives in the variables on TensorFlow: nothing to do."""
+    del model
+
+
+def compiles_train_step(model):
+    """Whether `make_train_function` traces a `tf.function`."""
+    return not model.run_eagerly
+
+
+def check_distribution(model):
+    """Raises where MAT would not keep every replica's masks identical."""
+    strategy = model.distribute_strategy
+    if strategy.num_replicas_in_sync > 1 and not isinstance(strategy, tf.distribute.MirroredStrategy):
+        raise NotImplementedError(
+            "keras_mat supports tf.distribute.MirroredStrategy (one machine, several devices) "
+            f"and single-replica strategies. Received: {type(strategy).__name__} with "
+            f"{strategy.num_replicas_in_sync} replicas"
+        )

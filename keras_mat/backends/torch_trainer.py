@@ -1,0 +1,26 @@
+"""PyTorch side of the training integration."""
+
+import torch.distributed as dist
+
+
+def sync_state(model):
+    """The state lives in the variables on PyTorch: nothing to do."""
+    del model
+
+
+def compiles_train_step(model):
+    """Eager steps see changed `trainable` flags (`requires_grad`) at once;
+    only `jit_compile=True` (`torch.compile`) compiles."""
+    return model.jit_compile is True and not model.run_eagerly
+
+
+def check_distribution(model):
+    """Raises where MAT would not keep every replica's masks identical."""
+    del model
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise NotImplementedError(
+            "Keras's `fit` on PyTorch does not synchronize replicas, so each rank would train "
+            "(and mask) its own copy. Use a custom loop with `optimizer.update_masks` on the same "
+            "lambda_max on every rank (see docs/scaling.md and examples/torch_ddp.py). "
+            f"Received: torch.distributed world_size={dist.get_world_size()}"
+        )
