@@ -104,12 +104,14 @@ def resolve_groups(model, groups=None):
             f"Model {model.name!r} has no module to probe: no attention, conv, expert or "
             "Dense layer was found and no ModuleGroup was given. Received: groups=[]"
         )
-    trainable = {id(v) for v in model.trainable_variables}
+    # Membership, not `variable.trainable`: a variable whose every module is
+    # switched off may be made non-trainable while it is off.
+    known = {id(v) for v in model.variables}
     for g in groups:
         for v in g.variables:
-            if id(v) not in trainable:
+            if id(v) not in known:
                 raise ValueError(
-                    f"ModuleGroup {g.name!r}: variable {v.path!r} is not a trainable variable "
+                    f"ModuleGroup {g.name!r}: variable {v.path!r} is not a variable "
                     f"of model {model.name!r}. Received: variable={v.path!r}"
                 )
     return groups
@@ -214,7 +216,8 @@ def module_gram(jac, axis, num_modules):
 
 
 def top_eigenvalues(grams):
-    """Largest eigenvalue of each symmetric PSD matrix in a `(G, m, m)` stack.
+    """Largest eigenvalue of each symmetric PSD matrix in a `(G, m, m)` stack
+    (traceable; the eager probe uses `top_eigenvalues_numpy`).
 
     Each matrix is scaled by its largest absolute entry before the solve, and
     the solve runs in float64 where the backend has it (not JAX without x64):
@@ -236,6 +239,80 @@ def top_eigenvalues(grams):
     return ops.where(finite, top, ops.full_like(top, float("nan")))
 
 
+#: Matrices up to this size are solved densely by `top_eigenvalues_numpy`.
+DENSE_EIGH_MAX = 48
+
+
+def _eigvalsh64(matrices):
+    """Ascending eigenvalues in float64; LAPACK's divide-and-conquer can fail
+    to converge, then the singular values (equal for a PSD matrix) are used."""
+    try:
+        return np.linalg.eigvalsh(matrices)
+    except np.linalg.LinAlgError:
+        return np.sort(np.linalg.svd(matrices, compute_uv=False), axis=-1)
+
+
+def top_eigenvalues_numpy(grams, steps=32, tol=1e-9):
+    """Largest eigenvalue of each symmetric PSD matrix of a `(B, m, m)` numpy
+    stack, in float64.
+
+    Small matrices go to a dense eigensolver. Larger ones get a batched
+    Lanczos run (full re-orthogonalisation) whose top Ritz pair is accepted
+    when its residual `|G v - theta v|` is at most `tol * max|G|` (the
+    eigenvalue error is bounded by the residual); the others are solved
+    densely. Non-finite matrices give NaN.
+
+    Returns:
+        A float64 array `(B,)`.
+    """
+    grams = np.asarray(grams, dtype=np.float64)
+    grams = 0.5 * (grams + np.swapaxes(grams, 1, 2))
+    count, m = grams.shape[0], grams.shape[-1]
+    top = np.full((count,), np.nan)
+    finite = np.all(np.isfinite(grams), axis=(1, 2))
+    if not finite.any():
+        return top
+    g = grams[finite]
+    scale = np.max(np.abs(g), axis=(1, 2))
+    scale = np.where(scale > 0, scale, 1.0)
+    g = g / scale[:, None, None]
+    if m <= DENSE_EIGH_MAX:
+        top[finite] = _eigvalsh64(g)[:, -1] * scale
+        return top
+    k = min(steps, m)
+    b = g.shape[0]
+    q = np.random.default_rng(0).standard_normal(m) + 1.0
+    q = np.broadcast_to(q / np.linalg.norm(q), (b, m)).copy()
+    basis = np.zeros((b, k, m))
+    alphas, betas = np.zeros((b, k)), np.zeros((b, k))
+    for j in range(k):
+        basis[:, j] = q
+        w = np.einsum("bij,bj->bi", g, q)
+        alphas[:, j] = np.einsum("bi,bi->b", q, w)
+        for _ in range(2):
+            w = w - np.einsum("bki,bk->bi", basis[:, : j + 1], np.einsum("bki,bi->bk", basis[:, : j + 1], w))
+        beta = np.linalg.norm(w, axis=1)
+        betas[:, j] = beta
+        alive = beta > 1e-12
+        q = np.where(alive[:, None], w / np.where(alive, beta, 1.0)[:, None], 0.0)
+    t = np.zeros((b, k, k))
+    idx = np.arange(k)
+    t[:, idx, idx] = alphas
+    t[:, idx[:-1], idx[1:]] = betas[:, :-1]
+    t[:, idx[1:], idx[:-1]] = betas[:, :-1]
+    theta, vecs = np.linalg.eigh(t)
+    ritz = np.einsum("bki,bk->bi", basis, vecs[:, :, -1])
+    norm = np.linalg.norm(ritz, axis=1)
+    ritz = ritz / np.where(norm > 0, norm, 1.0)[:, None]
+    residual = np.linalg.norm(np.einsum("bij,bj->bi", g, ritz) - theta[:, -1:] * ritz, axis=1)
+    result = theta[:, -1].copy()
+    redo = ~(residual <= tol) | (norm < 0.5)
+    if redo.any():
+        result[redo] = _eigvalsh64(g[redo])[:, -1]
+    top[finite] = result * scale
+    return top
+
+
 def _chunks(sizes, rows, itemsize, max_bytes):
     # Greedy partition of the probed variables (in model order) so that each
     # pass holds at most `max_bytes` of per-sample Jacobians (>= 1 variable).
@@ -252,75 +329,177 @@ def _chunks(sizes, rows, itemsize, max_bytes):
     return chunks
 
 
+def _check_max_probe_bytes(value):
+    if value is None:
+        return DEFAULT_MAX_PROBE_BYTES
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(
+            f"`max_probe_bytes` must be a positive int (a number of bytes). Received: max_probe_bytes={value!r}"
+        )
+    return int(value)
+
+
+def _unique_variables(model):
+    out, seen = [], set()
+    for v in model.variables:
+        if id(v) not in seen:
+            seen.add(id(v))
+            out.append(v)
+    return out
+
+
+def _forward(model, x):
+    # Inference-mode call, inside the caller's StatelessScope; `training=False`
+    # only if `call` takes it (subclassed models may not), as Keras's trainers do.
+    if getattr(model, "_call_has_training_arg", True):
+        return model.call(x, training=False)
+    return model.call(x)
+
+
+def _has_conv(model):
+    from keras.src.layers.convolutional.base_conv import BaseConv
+    from keras.src.layers.convolutional.base_conv_transpose import BaseConvTranspose
+    from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
+    from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv
+
+    kinds = (BaseConv, BaseConvTranspose, BaseDepthwiseConv, BaseSeparableConv)
+    return any(
+        isinstance(layer, kinds) for layer in model._flatten_layers(include_self=False, recursive=True)
+    )
+
+
+ROUTES = ("auto", "factored", "generic")
+
+
 class Probe:
     """A reusable lambda_max measurement for one model and one configuration.
 
-    Holds the variable bookkeeping and the compiled per-chunk kernels so that
-    repeated probes (every `probe_every` steps) never retrace. `__call__`
-    reads the current variable values (never cached: JAX donates buffers),
-    `from_values` is the pure form for use inside a compiled training step.
+    Two routes, in one probe:
+
+    - factored (see `ntk_layers.py`): the grouped Dense, EinsumDense and
+      convolution layers that are nodes of a Functional graph get their
+      per-sample weight gradients from their inputs and the gradients at
+      their outputs, from one batched forward pass and one batched backward
+      pass per output row;
+    - generic: every other probed variable gets per-sample Jacobians from a
+      vectorized per-sample `jacrev` (the backend kernel), in passes of at
+      most `max_probe_bytes`.
+
+    With `route="auto"`, Dense and EinsumDense layers take the factored route
+    only when no variable is left for the generic one (the generic pass
+    yields them at little extra cost); convolutions always do.
+
+    The probe holds the list of the model's variables taken when it is built
+    and reads their values on every call (never cached: JAX donates
+    buffers); it does not depend on `variable.trainable`. Its compiled
+    functions (`jax.jit`, `tf.function`) are cached per input signature.
+
+    Attributes:
+        rows_per_sample: Rows of the NTK per probe sample (k for "logits", 1
+            otherwise).
     """
 
-    def __init__(self, model, groups, ntk_output, loss=None, max_probe_bytes=None, rows_per_sample=None):
+    def __init__(
+        self,
+        model,
+        groups,
+        ntk_output,
+        loss=None,
+        max_probe_bytes=None,
+        rows_per_sample=None,
+        route="auto",
+    ):
+        from keras_mat import ntk_layers
+
+        _check_option("route", route, ROUTES)
         self.model = model
         self.groups = list(groups)
         self.mode = ntk_output
         self.loss_call = _resolve_loss(model, loss) if ntk_output == "loss" else None
-        self.max_probe_bytes = DEFAULT_MAX_PROBE_BYTES if max_probe_bytes is None else int(max_probe_bytes)
-        if self.max_probe_bytes < 1:
-            raise ValueError(
-                f"`max_probe_bytes` must be positive. Received: max_probe_bytes={max_probe_bytes}"
-            )
-        trainable = list(model.trainable_variables)
-        index = {id(v): i for i, v in enumerate(trainable)}
-        # (trainable index, family index, axis, G) for every probed variable, model order.
-        entries = []
+        self.max_probe_bytes = _check_max_probe_bytes(max_probe_bytes)
+        self.rows_per_sample = int(rows_per_sample or 1)
+        self.variables = _unique_variables(model)
+        index = {id(v): i for i, v in enumerate(self.variables)}
+        self.family_of, self.var_entries = {}, {}
         for f, g in enumerate(self.groups):
             for v, axis in zip(g.variables, g.axes):
-                entries.append((index[id(v)], f, axis, g.num_modules))
-        entries.sort()
-        self.entries = entries
-        self.num_trainable = len(trainable)
+                if id(v) not in index:
+                    raise ValueError(
+                        f"ModuleGroup {g.name!r}: variable {v.path!r} is not a variable of "
+                        f"model {model.name!r}. Received: variable={v.path!r}"
+                    )
+                self.family_of[id(v)] = f
+                self.var_entries[id(v)] = (axis, g.num_modules)
+        wanted = set(self.var_entries)
+        plan = None
+        if route != "generic":
+            plan = ntk_layers.GraphPlan(model, wanted)
+            if route == "auto" and wanted - plan.variables:
+                plan = ntk_layers.GraphPlan(model, wanted, kinds=ntk_layers.CONV_KINDS)
+        self.plan = plan if plan else None
+        factored = self.plan.variables if self.plan else set()
+        # (variable index, family, axis, G) of every generically probed variable, model order.
+        self.entries = sorted(
+            (index[vid], self.family_of[vid], axis, g)
+            for vid, (axis, g) in self.var_entries.items()
+            if vid not in factored
+        )
         self._kernels = {}
-        self._rows_per_sample = rows_per_sample
-        self._xla = not _is_conv_only(model)
+        self._has_conv = _has_conv(model)
+        self._xla = not (self._has_conv and any(True for _ in self.entries))
 
-    # The single-sample function whose Jacobian is the NTK row block.
-    def _single_fn(self, probe_pos, other_values, non_trainable_values):
-        model, mode, loss_call = self.model, self.mode, self.loss_call
+    # Kept for the training integration's cost accounting.
+    @property
+    def _rows_per_sample(self):
+        return self.rows_per_sample
+
+    @property
+    def route(self):
+        """`"factored"`, `"generic"` or `"mixed"`: which routes this probe runs."""
+        if self.plan and self.entries:
+            return "mixed"
+        return "factored" if self.plan else "generic"
+
+    # ------------------------------------------------------------------ generic route
+
+    def _single_fn(self, probe_pos, values):
+        model, mode, loss_call, variables = self.model, self.mode, self.loss_call, self.variables
 
         def fn(probe_values, xi, yi):
-            values = list(other_values)
+            vals = list(values)
             for pos, val in zip(probe_pos, probe_values):
-                values[pos] = val
+                vals[pos] = val
             xb = tree.map_structure(lambda t: ops.expand_dims(t, 0), xi)
             yb = tree.map_structure(lambda t: ops.expand_dims(t, 0), yi)
-            out, _ = stateless_forward(model, values, non_trainable_values, xb)
+            with keras.StatelessScope(state_mapping=list(zip(variables, vals))):
+                out = _forward(model, xb)
             return ops.reshape(scalarize(out, yb, mode, loss_call), (-1,))
 
         return fn
 
     def _chunk_plan(self, n):
-        rows = n * (self._rows_per_sample or 1)
-        trainable = self.model.trainable_variables
-        sizes = [int(np.prod(trainable[e[0]].shape)) for e in self.entries]
-        itemsize = 4 if "64" not in str(trainable[self.entries[0][0]].dtype) else 8
+        if not self.entries:
+            return []
+        rows = n * self.rows_per_sample
+        sizes = [int(np.prod(self.variables[e[0]].shape)) for e in self.entries]
+        itemsize = 4 if "64" not in str(self.variables[self.entries[0][0]].dtype) else 8
         return _chunks(sizes, rows, itemsize, self.max_probe_bytes)
 
-    def _chunk_fn(self, chunk, compiled):
-        """The per-chunk Gram kernel (cached): `(probe positions, families,
-        fn(probe_values, trainable, non_trainable, x, y) -> list of Grams)`."""
-        cached = self._kernels.get((tuple(chunk), compiled))
-        if cached is not None:
-            return cached
+    def _generic_fn(self, chunk):
         entries = [self.entries[i] for i in chunk]
         probe_pos = [e[0] for e in entries]
         fams = sorted({e[1] for e in entries})
         kernel = backends.get()
+        # See backends/jax.py: no sample split over devices when convolutions
+        # are differentiated per sample.
+        split = not self._has_conv
 
-        def run(probe_values, trainable_values, non_trainable_values, x, y):
-            fn = self._single_fn(probe_pos, trainable_values, non_trainable_values)
-            jacs = kernel.per_sample_jacobians(fn, probe_values, x, y, key=(id(self), tuple(chunk)))
+        def run(values, x, y):
+            fn = self._single_fn(probe_pos, values)
+            probe_values = [values[p] for p in probe_pos]
+            jacs = kernel.per_sample_jacobians(
+                fn, probe_values, x, y, key=(id(self), tuple(chunk)), split=split
+            )
             grams = {}
             for (_, fam, axis, g), jac in zip(entries, jacs):
                 jac = ops.reshape(jac, (-1,) + tuple(jac.shape[2:]))
@@ -330,68 +509,152 @@ class Probe:
                 grams[fam] = c if fam not in grams else grams[fam] + c
             return [grams[f] for f in fams]
 
-        if compiled:
-            run = kernel.compile_probe(run, xla=self._xla)
-        self._kernels[(tuple(chunk), compiled)] = (probe_pos, fams, run)
-        return probe_pos, fams, run
+        return fams, run
 
-    def _measure(self, trainable_values, non_trainable_values, x, y, compiled):
+    # ----------------------------------------------------------------- factored route
+
+    def _factored_fn(self):
+        kernel = backends.get()
+        plan, rows, mode, loss_call = self.plan, self.rows_per_sample, self.mode, self.loss_call
+        entries = {vid: self.var_entries[vid] for vid in plan.variables}
+        fams = sorted({self.family_of[vid] for vid in plan.variables})
+
+        def run(values, x, y):
+            x, y = kernel.split_samples((x, y))
+            with keras.StatelessScope(state_mapping=list(zip(self.variables, values))):
+
+                def forward(hook):
+                    captures = {}
+                    out = plan.run(x, hook, captures)
+                    return scalarize(out, y, mode, loss_call), captures
+
+                captures, grads = kernel.output_gradients(forward, rows)
+                parts = plan.variable_grams(captures, grads, rows, entries, module_gram, self.max_probe_bytes)
+            grams = {}
+            for vid, c in parts.items():
+                fam = self.family_of[vid]
+                grams[fam] = c if fam not in grams else grams[fam] + c
+            return [grams[f] for f in fams]
+
+        return fams, run
+
+    # ------------------------------------------------------------------------ running
+
+    def _passes(self, n, compiled):
+        """`[(families, fn(values, x, y) -> list of Grams)]` for a batch of n."""
+        out = []
+        if self.plan:
+            key = ("factored", compiled)
+            if key not in self._kernels:
+                fams, fn = self._factored_fn()
+                self._kernels[key] = (fams, backends.get().compile_probe(fn, xla=True) if compiled else fn)
+            out.append(self._kernels[key])
+        for chunk in self._chunk_plan(n):
+            key = ("generic", tuple(chunk), compiled)
+            if key not in self._kernels:
+                fams, fn = self._generic_fn(chunk)
+                self._kernels[key] = (
+                    fams,
+                    backends.get().compile_probe(fn, xla=self._xla) if compiled else fn,
+                )
+            out.append(self._kernels[key])
+        return out
+
+    def _grams(self, values, x, y, compiled):
         n = _batch_size(x)
         if y is None:
             y = ops.zeros((n,), dtype="float32")
         grams = [None] * len(self.groups)
-        for chunk in self._chunk_plan(n):
-            probe_pos, fams, run = self._chunk_fn(chunk, compiled)
-            probe_values = [trainable_values[p] for p in probe_pos]
-            for f, part in zip(fams, run(probe_values, trainable_values, non_trainable_values, x, y)):
+        for fams, fn in self._passes(n, compiled):
+            for f, part in zip(fams, fn(values, x, y)):
                 grams[f] = part if grams[f] is None else grams[f] + part
-        # One eigensolve for every family (all Grams are rows x rows): a single
-        # LAPACK call in the step, never several that could block each other.
+        return grams
+
+    def _values(self):
+        kernel = backends.get()
+        return [kernel.snapshot(v) for v in self.variables]
+
+    def grams(self, x, y=None):
+        """The modular NTK Grams now: a list of `(G, n*R, n*R)` tensors, one
+        per family (R = `rows_per_sample`; rows sample-major)."""
+        x = tree.map_structure(ops.convert_to_tensor, x)
+        y = None if y is None else tree.map_structure(ops.convert_to_tensor, y)
+        return self._grams(self._values(), x, y, compiled=True)
+
+    def __call__(self, x, y=None):
+        """Measures lambda_max now from the variables' current values, with
+        compiled kernels; returns a list of `(G,)` float32 tensors, one per
+        family (NaN where a Gram is not finite)."""
+        grams = [np.asarray(ops.convert_to_numpy(g), dtype=np.float64) for g in self.grams(x, y)]
+        sizes = [g.shape[0] for g in grams]
+        top = top_eigenvalues_numpy(np.concatenate(grams, axis=0))
+        starts = np.cumsum([0] + sizes)
+        return [ops.convert_to_tensor(top[a:b].astype(np.float32)) for a, b in zip(starts[:-1], starts[1:])]
+
+    def from_values(self, trainable_values, non_trainable_values, x, y=None):
+        """Pure measurement (traceable): the values are given in the order of
+        `model.trainable_variables` and `model.non_trainable_variables` now;
+        list of `(G,)` lambda_max, one per family."""
+        given = {}
+        for v, val in zip(self.model.trainable_variables, trainable_values):
+            given[id(v)] = val
+        for v, val in zip(self.model.non_trainable_variables, non_trainable_values):
+            given[id(v)] = val
+        kernel = backends.get()
+        values = [given[id(v)] if id(v) in given else kernel.snapshot(v) for v in self.variables]
+        grams = self._grams(values, x, y, compiled=False)
         sizes = [int(g.shape[0]) for g in grams]
         top = top_eigenvalues(grams[0] if len(grams) == 1 else ops.concatenate(grams, axis=0))
         starts = np.cumsum([0] + sizes)
         return [top[a:b] for a, b in zip(starts[:-1], starts[1:])]
 
-    def from_values(self, trainable_values, non_trainable_values, x, y=None):
-        """Pure measurement (traceable inside a compiled training step): list of
-        `(G,)` lambda_max, one per family."""
-        return self._measure(trainable_values, non_trainable_values, x, y, compiled=False)
 
-    def __call__(self, x, y=None):
-        """Measures lambda_max now from the variables' current values (never
-        cached: JAX donates buffers), with compiled kernels; returns a list of
-        `(G,)` tensors."""
-        x = tree.map_structure(ops.convert_to_tensor, x)
-        y = None if y is None else tree.map_structure(ops.convert_to_tensor, y)
-        # ops.convert_to_tensor: a tensor snapshot (TF would otherwise pass tf.Variables).
-        trainable = [ops.convert_to_tensor(v.value) for v in self.model.trainable_variables]
-        non_trainable = [ops.convert_to_tensor(v.value) for v in self.model.non_trainable_variables]
-        return self._measure(trainable, non_trainable, x, y, compiled=True)
+#: Probes kept per model (least recently used dropped first).
+PROBE_CACHE_SIZE = 8
 
 
-def _is_conv_only(model):
-    # TF needs to know: XLA for attention/dense models, graph mode for pure
-    # CNNs (see backends/tensorflow.py).
-    from keras.src.layers.convolutional.base_conv import BaseConv
-
-    has_conv = has_attention = False
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        has_conv |= isinstance(layer, BaseConv)
-        has_attention |= isinstance(layer, keras.layers.MultiHeadAttention)
-    return has_conv and not has_attention
+def _group_key(groups):
+    # Families by content (variables, axes, module count), not by object: groups
+    # rediscovered on every call find the same probe.
+    return tuple((tuple(id(v) for v in g.variables), tuple(g.axes), g.num_modules) for g in groups)
 
 
-def get_probe(model, groups, ntk_output, loss=None, max_probe_bytes=None, x=None):
-    """A cached `Probe` for this model and configuration."""
+def get_probe(model, groups, ntk_output, loss=None, max_probe_bytes=None, x=None, route="auto"):
+    """A cached `Probe` for this model and configuration.
+
+    The cache key holds the families' variables (by identity), axes and module
+    counts, the model's variable list, the output mode, the loss in effect
+    (`loss`, else the model's compiled loss) and `max_probe_bytes`; at most
+    `PROBE_CACHE_SIZE` probes are kept per model.
+    """
+    max_probe_bytes = _check_max_probe_bytes(max_probe_bytes)
     cache = model.__dict__.setdefault("_keras_mat_probes", {})
-    key = (tuple(id(g) for g in groups), ntk_output, id(loss), max_probe_bytes)
-    probe = cache.get(key)
+    effective_loss = loss if loss is not None else getattr(model, "loss", None)
+    rows = output_size(model, x) if (ntk_output == "logits" and x is not None) else 1
+    key = (
+        _group_key(groups),
+        tuple(id(v) for v in model.variables),
+        ntk_output,
+        id(effective_loss) if ntk_output == "loss" else None,
+        max_probe_bytes,
+        rows,
+        route,
+    )
+    probe = cache.pop(key, None)
     if probe is None:
-        rows = output_size(model, x) if (ntk_output == "logits" and x is not None) else 1
         probe = Probe(
-            model, groups, ntk_output, loss=loss, max_probe_bytes=max_probe_bytes, rows_per_sample=rows
+            model,
+            groups,
+            ntk_output,
+            loss=loss,
+            max_probe_bytes=max_probe_bytes,
+            rows_per_sample=rows,
+            route=route,
         )
-        cache[key] = probe
+        # The probe holds the loss object, so its id stays unique while cached.
+    cache[key] = probe
+    while len(cache) > PROBE_CACHE_SIZE:
+        cache.pop(next(iter(cache)))
     return probe
 
 

@@ -20,25 +20,71 @@ def _constrain(t, axis, spec):
     return jax.lax.with_sharding_constraint(t, jax.sharding.NamedSharding(axis[0], spec))
 
 
-def per_sample_jacobians(fn, probe_values, x, y, key=None):
+def split_samples(tree):
+    """Under `keras.distribution`, constrains every leaf with a leading axis
+    the batch axis divides to be split over it (as a training batch is), so
+    that each device works on its share of the probe samples."""
+    axis = _batch_axis()
+    if axis is None:
+        return tree
+    P = jax.sharding.PartitionSpec
+
+    def split(t):
+        if t is None or t.ndim == 0 or t.shape[0] % axis[2]:
+            return t
+        return _constrain(t, axis, P(axis[1]))
+
+    return jax.tree_util.tree_map(split, tree)
+
+
+def per_sample_jacobians(fn, probe_values, x, y, key=None, split=True):
     # jacrev over the k outputs of one sample, vmapped over samples: one
     # vectorized reverse pass per output row, no O(n^2) batch Jacobian.
-    # Under `keras.distribution` the probe samples are split over the batch
-    # axis like a training batch (a size it does not divide stays whole), so
-    # each device differentiates its share; also for the fixed probe set,
-    # which is a constant of the step.
-    axis = _batch_axis()
-    if axis is not None:
-        P = jax.sharding.PartitionSpec
-
-        def split(t):
-            if t is None or t.ndim == 0 or t.shape[0] % axis[2]:
-                return t
-            return _constrain(t, axis, P(axis[1]))
-
-        x, y = jax.tree_util.tree_map(split, (x, y))
+    # `split`: split the samples over the devices of `keras.distribution`.
+    # The caller turns it off when the forward pass has a convolution: a
+    # vmapped per-sample convolution gradient of sample-split inputs makes
+    # XLA's SPMD partitioner emit an invalid slice ("Expected instruction to
+    # have shape equal to f32[1,4,3,48], actual shape is f32[1,4,3,192]").
+    if split:
+        x, y = split_samples((x, y))
     jac = jax.vmap(jax.jacrev(fn), in_axes=(None, 0, 0))(probe_values, x, y)
     return list(jac)
+
+
+def output_gradients(run, rows):
+    """Gradients at the perturbation points of a batched forward pass.
+
+    Args:
+        run: `run(hook) -> (outputs (n, rows), aux)`; `hook(key, z)` is called
+            at every perturbation point and returns the tensor to use.
+        rows: Output rows per sample.
+
+    Returns:
+        `(aux, {key: (rows, *z.shape)})`: for each row j, the gradient of
+        `outputs[:, j].sum()` at every point; one reverse pass, vmapped over
+        the rows.
+    """
+    shapes = {}
+
+    def record(key, z):
+        shapes[key] = jax.ShapeDtypeStruct(z.shape, z.dtype)
+        return z
+
+    jax.eval_shape(lambda: run(record)[0])
+
+    def f(perturbations):
+        return run(lambda key, z: z + perturbations[key])
+
+    zeros = {k: jax.numpy.zeros(s.shape, s.dtype) for k, s in shapes.items()}
+    out, pullback, aux = jax.vjp(f, zeros, has_aux=True)
+    eye = jax.numpy.eye(rows, dtype=out.dtype)
+    cotangents = jax.numpy.broadcast_to(eye[:, None, :], (rows,) + tuple(out.shape))
+    (grads,) = jax.vmap(pullback)(cotangents)
+    return aux, grads
+
+
+def snapshot(variable):
+    return variable.value
 
 
 def gram_operand(flat):

@@ -8,7 +8,6 @@ slower and graph mode is both safe and fast.
 """
 
 import tensorflow as tf
-from keras import ops
 
 
 def _rows(fn, probe_values, xi, yi):
@@ -23,11 +22,41 @@ def _rows(fn, probe_values, xi, yi):
     return [tf.stack([r[i] for r in rows]) for i in range(len(probe_values))]
 
 
-def per_sample_jacobians(fn, probe_values, x, y, key=None):
+def split_samples(tree):
+    return tree
+
+
+def per_sample_jacobians(fn, probe_values, x, y, key=None, split=True):
     probe_values = [tf.convert_to_tensor(v) for v in probe_values]
     return tf.vectorized_map(
         lambda args: _rows(fn, probe_values, args[0], args[1]), (x, y), fallback_to_while_loop=True
     )
+
+
+def output_gradients(run, rows):
+    """Gradients at the perturbation points of a batched forward pass (see
+    the JAX kernel): one `GradientTape`, one `gradient` call per row."""
+    perturbations = {}
+    with tf.GradientTape(persistent=rows > 1) as tape:
+
+        def hook(key, z):
+            p = tf.zeros_like(z)
+            tape.watch(p)
+            perturbations[key] = p
+            return z + p
+
+        out, aux = run(hook)
+        # Rows are summed inside the tape: an op taken after it is unrecorded.
+        columns = [tf.reduce_sum(out[:, j]) for j in range(rows)]
+    keys = list(perturbations)
+    sources = [perturbations[k] for k in keys]
+    per_row = [tape.gradient(c, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO) for c in columns]
+    return aux, {k: tf.stack([g[i] for g in per_row]) for i, k in enumerate(keys)}
+
+
+def snapshot(variable):
+    # A tensor, not the tf.Variable (which a tf.function would capture).
+    return tf.convert_to_tensor(variable.value)
 
 
 def gram_operand(flat):
@@ -36,11 +65,13 @@ def gram_operand(flat):
 
 def eigenvalues(matrices):
     """Ascending eigenvalues of a `(G, m, m)` stack of symmetric matrices."""
-    return ops.eigh(matrices)[0]
+    return tf.linalg.eigvalsh(matrices)
 
 
 def compile_probe(fn, xla=True):
-    return tf.function(fn, jit_compile=xla, reduce_retracing=True)
+    # One trace per input signature (batch size included): a relaxed
+    # signature would leave the batch size unknown (None) inside the probe.
+    return tf.function(fn, jit_compile=xla)
 
 
 def vjp(fn, values):

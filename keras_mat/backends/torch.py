@@ -13,7 +13,7 @@ import contextlib
 import warnings
 
 import torch
-from keras import ops, tree
+from keras import tree
 
 
 def _detached(values):
@@ -32,7 +32,11 @@ def _math_sdpa():
 _vmap_failed = set()
 
 
-def per_sample_jacobians(fn, probe_values, x, y, key=None):
+def split_samples(tree):
+    return tree
+
+
+def per_sample_jacobians(fn, probe_values, x, y, key=None, split=True):
     probe_values = _detached(probe_values)
     if key in _vmap_failed:
         return per_sample_jacobians_loop(fn, probe_values, x, y)
@@ -68,13 +72,39 @@ def per_sample_jacobians_loop(fn, probe_values, x, y):
     return [torch.stack([p[v] for p in per_sample]).detach() for v in range(len(probe_values))]
 
 
+def output_gradients(run, rows):
+    """Gradients at the perturbation points of a batched forward pass (see
+    the JAX kernel): one autograd graph, one backward pass per row."""
+    perturbations = {}
+
+    def hook(key, z):
+        p = torch.zeros_like(z, requires_grad=True)
+        perturbations[key] = p
+        return z + p
+
+    with torch.enable_grad(), _math_sdpa():
+        out, aux = run(hook)
+    keys = list(perturbations)
+    sources = [perturbations[k] for k in keys]
+    per_row = []
+    for j in range(rows):
+        grads = torch.autograd.grad(out[:, j].sum(), sources, retain_graph=j < rows - 1, allow_unused=True)
+        per_row.append([torch.zeros_like(s) if g is None else g for g, s in zip(grads, sources)])
+    aux = {k: v.detach() for k, v in aux.items()}
+    return aux, {k: torch.stack([r[i] for r in per_row]) for i, k in enumerate(keys)}
+
+
+def snapshot(variable):
+    return variable.value.detach()
+
+
 def gram_operand(flat):
     return flat
 
 
 def eigenvalues(matrices):
     """Ascending eigenvalues of a `(G, m, m)` stack of symmetric matrices."""
-    return ops.eigh(matrices)[0]
+    return torch.linalg.eigvalsh(matrices)
 
 
 def compile_probe(fn, xla=True):

@@ -1,0 +1,457 @@
+"""Layer-factored per-sample gradients for the lambda_max probe.
+
+The per-sample gradient of a linear or convolutional layer's weights is a
+product of two things the batched forward and backward passes already hold:
+the layer's input (its patches, for a convolution) and the gradient at the
+layer's pre-activation output. For a probe, this file:
+
+- runs a Functional model's own graph (`Functional._run_through_graph`, the
+  interpreter Keras's `Functional.call` uses) with one difference: each
+  grouped Dense / EinsumDense / convolution node is evaluated here, from the
+  same Keras ops as the layer's `call`, so that its input is recorded and a
+  zero "perturbation" is added to its pre-activation output. Nothing of the
+  model or of Keras's classes is modified; every other node is called as
+  Keras calls it. Nested Functional and Sequential models are entered the
+  same way; any other layer is called whole (its grouped variables then take
+  the generic per-sample-Jacobian route of `ntk.py`).
+- takes, with one batched backward pass per output row (the backend's
+  `output_gradients`), the gradient with respect to every perturbation: the
+  gradient at every captured layer output for every sample and row at once
+  (samples do not interact under `training=False`).
+- forms each probed variable's per-sample gradients (an einsum of input and
+  output gradient, over positions or patches), or, for whole-layer modules
+  where it is cheaper, the module's Gram block directly from the identity
+  G_rq = sum_{s,t} (a_rs . a_qt)(d_rs . d_qt).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import string
+
+import keras
+from keras import ops
+
+# --------------------------------------------------------------------------------------
+# Which layers are evaluated here
+# --------------------------------------------------------------------------------------
+
+
+def _classes():
+    from keras.src.layers.convolutional.base_conv import BaseConv
+    from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
+    from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv
+
+    return BaseConv, BaseDepthwiseConv, BaseSeparableConv
+
+
+def layer_kind(layer):
+    """`"dense"`, `"einsum"`, `"conv"`, `"depthwise"`, `"separable"` or `None`.
+
+    Only layers whose `call` is the Keras class's own (a subclass that
+    overrides `call` may compute anything), in plain float precision (the
+    same compute and variable dtype: no autocast), without LoRA or
+    quantization.
+    """
+    BaseConv, BaseDepthwiseConv, BaseSeparableConv = _classes()
+    if not isinstance(layer, keras.layers.Layer):
+        return None
+    if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None) is not None:
+        return None
+    if getattr(layer, "compute_dtype", None) != getattr(layer, "variable_dtype", None):
+        return None
+    if str(layer.compute_dtype) not in ("float32", "float64"):
+        return None
+    call = type(layer).call
+    if isinstance(layer, keras.layers.Dense) and call is keras.layers.Dense.call:
+        return "dense"
+    if isinstance(layer, keras.layers.EinsumDense) and call is keras.layers.EinsumDense.call:
+        return "einsum" if _einsum_grad_equation(layer) is not None else None
+    if isinstance(layer, BaseSeparableConv) and call is BaseSeparableConv.call:
+        return "separable"
+    if isinstance(layer, BaseDepthwiseConv) and call is BaseDepthwiseConv.call:
+        return "depthwise"
+    if isinstance(layer, BaseConv) and not isinstance(layer, (BaseDepthwiseConv, BaseSeparableConv)):
+        if call is BaseConv.call or (
+            isinstance(layer, keras.layers.Conv1D) and call is keras.layers.Conv1D.call
+        ):
+            return "conv"
+    return None
+
+
+def _layer_variables(layer, kind):
+    """`{role: variable}` of the weights this file differentiates."""
+    if kind == "separable":
+        out = {"depthwise": layer.depthwise_kernel, "pointwise": layer.pointwise_kernel}
+    elif kind in ("dense", "einsum"):
+        out = {"kernel": layer._kernel if hasattr(layer, "_kernel") else layer.kernel}
+    else:
+        out = {"kernel": layer.kernel}
+    bias = getattr(layer, "bias", None)
+    if bias is not None:
+        out["bias"] = bias
+    return out
+
+
+def _letters(exclude):
+    return [c for c in string.ascii_letters if c not in exclude]
+
+
+def _einsum_specs(layer):
+    # EinsumDense's equation with any "..." written out, for this input rank.
+    eq = layer.equation.replace(" ", "")
+    lhs, out = eq.split("->")
+    a_spec, k_spec = lhs.split(",")
+    if "..." in k_spec:
+        return None
+    rank_in = len(layer.input.shape) if hasattr(layer, "input") else None
+    if "..." in a_spec:
+        if rank_in is None:
+            return None
+        free = _letters(set(eq))
+        fill = "".join(free[: rank_in - (len(a_spec) - 3)])
+        a_spec = a_spec.replace("...", fill)
+        out = out.replace("...", fill)
+    return a_spec, k_spec, out
+
+
+def _einsum_grad_equation(layer):
+    try:
+        specs = _einsum_specs(layer)
+    except Exception:  # no recorded input (not called symbolically): generic route
+        return None
+    if specs is None:
+        return None
+    a_spec, k_spec, out = specs
+    batch = a_spec[0]
+    if batch not in out or batch in k_spec or len(set(a_spec)) != len(a_spec):
+        return None
+    row = _letters(set(a_spec + k_spec + out))[0]
+    return f"{a_spec},{row}{out}->{batch}{row}{k_spec}"
+
+
+# --------------------------------------------------------------------------------------
+# The graph plan
+# --------------------------------------------------------------------------------------
+
+
+def _functional_of(layer):
+    """The Functional graph to enter for `layer`, or None (called whole)."""
+    from keras.src.models.functional import Functional
+    from keras.src.models.sequential import Sequential
+
+    if isinstance(layer, Sequential):
+        if type(layer).call is Sequential.call and getattr(layer, "_functional", None) is not None:
+            return layer._functional
+        return None
+    if isinstance(layer, Functional) and type(layer).call is Functional.call:
+        return layer
+    return None
+
+
+#: Layer kinds the factored route knows.
+ALL_KINDS = ("dense", "einsum", "conv", "depthwise", "separable")
+#: The convolution kinds (whose generic per-sample gradients are the costly ones).
+CONV_KINDS = ("conv", "depthwise", "separable")
+
+
+class GraphPlan:
+    """Which nodes of a Functional model are evaluated by this file.
+
+    Args:
+        model: The model.
+        wanted: ids of the variables that should take the factored route.
+        kinds: Layer kinds to evaluate here (see `layer_kind`).
+
+    `self.layers` maps a key to `(layer, kind, {role: variable})` for every
+    layer evaluated here; `self.variables` is the set of variable ids it
+    covers. Empty when the model is not a Functional graph.
+    """
+
+    def __init__(self, model, wanted, kinds=ALL_KINDS):
+        self.root = _functional_of(model)
+        self.layers = {}
+        self._by_layer = {}
+        self.variables = set()
+        if self.root is None:
+            return
+        calls = []
+        self._walk(self.root, calls, ())
+        count = {}
+        for layer in calls:
+            count[id(layer)] = count.get(id(layer), 0) + 1
+        for layer in calls:
+            if count[id(layer)] != 1:
+                continue  # shared layer (called at several nodes): generic route
+            kind = layer_kind(layer)
+            if kind not in kinds:
+                continue
+            roles = {r: v for r, v in _layer_variables(layer, kind).items() if id(v) in wanted}
+            if not roles:
+                continue
+            key = f"l{len(self.layers)}"
+            self.layers[key] = (layer, kind, roles)
+            self._by_layer[id(layer)] = key
+            self.variables.update(id(v) for v in roles.values())
+
+    def _walk(self, functional, calls, stack):
+        # Every layer call of the graph, nested Functional graphs entered.
+        if id(functional) in stack:
+            return
+        stack = stack + (id(functional),)
+        for depth in functional._nodes_by_depth.values():
+            for node in depth:
+                op = node.operation
+                if op is None or node.is_input:
+                    continue
+                sub = _functional_of(op) if isinstance(op, keras.layers.Layer) else None
+                if sub is not None and sub is not functional:
+                    self._walk(sub, calls, stack)
+                else:
+                    calls.append(op)
+
+    def __bool__(self):
+        return bool(self.layers)
+
+    # ---------------------------------------------------------------------------- run
+
+    def run(self, x, hook, captures):
+        """Runs the graph (inside the caller's StatelessScope, inference mode).
+
+        `hook(key, z) -> z'` is applied at every evaluated layer's
+        pre-activation output(s); `captures[key]` receives the layer's input(s),
+        gradient-stopped.
+        """
+        return self._run(self.root, x, hook, captures)
+
+    def _run(self, functional, x, hook, captures):
+        from keras.src.models.functional import operation_fn
+
+        inputs = functional._standardize_inputs(x)
+
+        def op_fn(op):
+            key = self._by_layer.get(id(op))
+            if key is not None:
+                return lambda *args, **kwargs: self._apply(key, args[0], hook, captures)
+            sub = _functional_of(op) if isinstance(op, keras.layers.Layer) else None
+            if sub is not None and sub is not functional:
+                return lambda *args, **kwargs: self._run(sub, args[0], hook, captures)
+            return operation_fn(op, training=False)
+
+        outputs = functional._run_through_graph(inputs, operation_fn=op_fn)
+        return outputs[0] if isinstance(outputs, (list, tuple)) and len(outputs) == 1 else outputs
+
+    def _apply(self, key, a, hook, captures):
+        from keras.src.backend.common.masking import get_keras_mask, set_keras_mask
+
+        layer, kind, roles = self.layers[key]
+        mask = get_keras_mask(a) if hasattr(a, "shape") else None
+        a = ops.convert_to_tensor(a)
+        if a.dtype != layer.compute_dtype:
+            a = ops.cast(a, layer.compute_dtype)
+        bias = getattr(layer, "bias", None)
+        if kind == "dense":
+            z = ops.matmul(a, layer.kernel)
+        elif kind == "einsum":
+            z = ops.einsum(layer.equation, a, layer.kernel)
+        elif kind == "conv":
+            padding = layer.padding
+            if padding == "causal":
+                a = ops.pad(a, layer._compute_causal_padding())
+                padding = "valid"
+            z = ops.conv(
+                a,
+                layer.kernel,
+                strides=list(layer.strides),
+                padding=padding,
+                dilation_rate=layer.dilation_rate,
+                data_format=layer.data_format,
+            )
+        else:
+            kernel = layer.kernel if kind == "depthwise" else layer.depthwise_kernel
+            z = ops.depthwise_conv(
+                a,
+                kernel,
+                strides=layer.strides,
+                padding=layer.padding,
+                dilation_rate=layer.dilation_rate,
+                data_format=layer.data_format,
+            )
+        if kind == "separable":  # the depthwise part, then a 1x1 pointwise convolution
+            t = z
+            if "depthwise" in roles:
+                t = hook(key + "/dw", t)
+            captures[key + "/pw"] = ops.stop_gradient(t)
+            z = ops.conv(t, layer.pointwise_kernel, strides=1, padding="valid", data_format=layer.data_format)
+        captures[key] = ops.stop_gradient(a)
+        if bias is not None:
+            if kind in ("dense", "einsum") or layer.data_format == "channels_last":
+                z = ops.add(z, bias)
+            else:
+                z = ops.add(z, ops.reshape(bias, (1, -1) + (1,) * (len(z.shape) - 2)))
+        if kind != "separable" or {"pointwise", "bias"} & set(roles):
+            z = hook(key, z)
+        y = layer.activation(z) if layer.activation is not None else z
+        if mask is not None:
+            set_keras_mask(y, mask)
+        return y
+
+    # ---------------------------------------------------------------------- gradients
+
+    def variable_grams(self, captures, grads, rows_per_sample, entries, module_gram, max_bytes):
+        """Gram contributions `{variable id: (G, n*R, n*R)}` of the factored
+        variables.
+
+        Args:
+            captures: `{key: layer input}` from `run`.
+            grads: `{key: (R, n, *output shape)}` gradients at the perturbations.
+            rows_per_sample: R.
+            entries: `{variable id: (axis, num_modules)}`.
+            module_gram: `ntk.module_gram`.
+            max_bytes: Bound on one materialized per-sample gradient; above
+                it a whole-layer module uses the Gram identity.
+        """
+        out = {}
+        for key, (layer, kind, roles) in self.layers.items():
+            for role, var in roles.items():
+                axis, num = entries[id(var)]
+                d = grads[key + "/dw"] if (kind == "separable" and role == "depthwise") else grads[key]
+                a = captures[key + "/pw"] if (kind == "separable" and role == "pointwise") else captures[key]
+                if kind not in ("dense", "einsum") and layer.data_format == "channels_first":
+                    a = ops.moveaxis(a, 1, -1)
+                    d = ops.moveaxis(d, 2, -1)
+                if role == "bias":
+                    jac = _bias_grad(d, tuple(var.shape))
+                    out[id(var)] = module_gram(jac, axis, num)
+                    continue
+                gram = None
+                if kind == "dense" or (kind == "conv" and layer.groups == 1) or role == "pointwise":
+                    a2, d2, kshape = _matmul_form(layer, kind, role, a, d)
+                    gram = _identity_gram(a2, d2, rows_per_sample, axis, num, kshape, max_bytes)
+                    if gram is None:
+                        jac = ops.reshape(_matmul_grad(a2, d2), (-1,) + tuple(var.shape))
+                        gram = module_gram(jac, axis, num)
+                else:
+                    jac = _other_grad(layer, kind, role, a, d)
+                    gram = module_gram(ops.reshape(jac, (-1,) + tuple(var.shape)), axis, num)
+                out[id(var)] = gram
+        return out
+
+
+# --------------------------------------------------------------------------------------
+# Per-sample gradient math (keras.ops only)
+# --------------------------------------------------------------------------------------
+
+
+def _rows_first(t):
+    # (R, n, ...) -> (n * R, ...), rows sample-major.
+    t = ops.moveaxis(t, 0, 1)
+    return ops.reshape(t, (-1,) + tuple(t.shape[2:]))
+
+
+def _bias_grad(d, bshape):
+    """Per-sample bias gradient `(n*R, *bshape)` from `d (R, n, *out)`: the
+    sum over every axis the bias is broadcast along."""
+    out_dims = tuple(d.shape[2:])
+    lead = len(out_dims) - len(bshape)
+    if lead > 0:
+        d = ops.sum(d, axis=tuple(range(2, 2 + lead)))
+    for i, size in enumerate(bshape):
+        if size == 1 and d.shape[2 + i] != 1:
+            d = ops.sum(d, axis=2 + i, keepdims=True)
+    return _rows_first(d)
+
+
+def _patches(a, kernel_size, strides, padding, dilation):
+    """`(n, positions, taps, channels)` patches of channels-last `a`, tap
+    order that of the kernel's spatial axes (row-major)."""
+    rank = len(kernel_size)
+    spatial = tuple(a.shape[1 : 1 + rank])
+    pads, outs = [(0, 0)], []
+    for length, k, s, dl in zip(spatial, kernel_size, strides, dilation):
+        span = (k - 1) * dl + 1
+        if padding == "same":
+            size = -(-length // s)
+            total = max((size - 1) * s + span - length, 0)
+            pads.append((total // 2, total - total // 2))
+        else:
+            size = (length - span) // s + 1
+            pads.append((0, 0))
+        outs.append(size)
+    pads.append((0, 0))
+    if any(p != (0, 0) for p in pads):
+        a = ops.pad(a, pads)
+    taps = []
+    for tap in itertools.product(*[range(k) for k in kernel_size]):
+        index = [slice(None)]
+        for t, size, s, dl in zip(tap, outs, strides, dilation):
+            index.append(slice(t * dl, t * dl + (size - 1) * s + 1, s))
+        index.append(slice(None))
+        taps.append(a[tuple(index)])
+    p = ops.stack(taps, axis=-2)
+    return ops.reshape(p, (p.shape[0], math.prod(outs), len(taps), p.shape[-1]))
+
+
+def _conv_patches(layer, a):
+    padding = "valid" if layer.padding == "causal" else layer.padding  # (a is already padded)
+    return _patches(a, layer.kernel_size, layer.strides, padding, layer.dilation_rate)
+
+
+def _matmul_form(layer, kind, role, a, d):
+    """Input `(n, S, K)`, output gradient `(R, n, S, C)` and the kernel's
+    `(K, C)` shape, for layers whose weight gradient is a^T d."""
+    if kind == "dense" or role == "pointwise":
+        k_in = a.shape[-1]
+        a2 = ops.reshape(a, (a.shape[0], -1, k_in))
+    else:
+        p = _conv_patches(layer, a)
+        a2 = ops.reshape(p, (p.shape[0], p.shape[1], -1))
+    c = d.shape[-1]
+    d2 = ops.reshape(d, (d.shape[0], d.shape[1], -1, c))
+    return a2, d2, (a2.shape[-1], c)
+
+
+def _matmul_grad(a2, d2):
+    # (n, S, K), (R, n, S, C) -> (n*R, K, C); one batched matmul per sample.
+    r, n, s, c = d2.shape
+    dd = ops.reshape(ops.transpose(d2, (1, 2, 0, 3)), (n, s, r * c))
+    g = ops.matmul(ops.transpose(a2, (0, 2, 1)), dd)  # (n, K, R*C)
+    g = ops.reshape(g, (n, -1, r, c))
+    return ops.reshape(ops.transpose(g, (0, 2, 1, 3)), (n * r, -1, c))
+
+
+def _identity_gram(a2, d2, rows, axis, num, kshape, max_bytes):
+    """Whole-kernel (one module) Gram from the identity when that is cheaper
+    than materializing the per-sample gradients; else None."""
+    if axis is not None or num != 1:
+        return None
+    n, s, k = a2.shape
+    c = d2.shape[-1]
+    m = n * rows
+    cost_identity = (n * s) ** 2 * k + (m * s) ** 2 * c + m * m * s * s
+    cost_materialize = m * s * k * c + m * m * k * c
+    if cost_identity >= cost_materialize or (m * s) ** 2 * 4 > max_bytes:
+        return None
+    aa = ops.einsum("nsk,mtk->nsmt", a2, a2)  # (n, S, n, S)
+    dd = ops.einsum("rnsc,qmtc->nrsmqt", d2, d2)  # (n, R, S, n, R, S)
+    g = ops.einsum("nsmt,nrsmqt->nrmq", aa, dd)
+    return ops.reshape(g, (1, m, m))
+
+
+def _other_grad(layer, kind, role, a, d):
+    """Materialized per-sample kernel gradient, `(n, R, ...)` for grouped
+    convolutions, depthwise kernels and EinsumDense."""
+    if kind == "einsum":
+        return ops.einsum(_einsum_grad_equation(layer), a, d)
+    p = _conv_patches(layer, a)  # (n, S, T, Cin)
+    r, n = d.shape[0], d.shape[1]
+    if kind == "conv":  # grouped
+        g = layer.groups
+        p = ops.reshape(p, (n, p.shape[1], p.shape[2], g, -1))
+        dd = ops.reshape(d, (r, n, p.shape[1], g, -1))
+        return ops.einsum("nstgc,rnsgo->nrtcgo", p, dd)
+    # depthwise (also the depthwise half of a separable convolution)
+    mult = layer.depth_multiplier
+    dd = ops.reshape(d, (r, n, p.shape[1], p.shape[-1], mult))
+    return ops.einsum("nstc,rnscm->nrtcm", p, dd)
