@@ -666,6 +666,8 @@ class MATCallback(keras.callbacks.Callback):
     def _use_variant(self, key):
         # Validation inside `fit` always runs with every variable trainable
         # (see on_test_begin), so the compiled test step never goes stale.
+        if not self._compiles:
+            return  # an eager step reads the `trainable` flags on every call
         fn = self._cache.get(key)
         if fn is not None:
             self.model.train_function = fn
@@ -675,9 +677,8 @@ class MATCallback(keras.callbacks.Callback):
         self.model.make_train_function(force=True)
         self._cache[key] = self.model.train_function
         self._order.append(key)
-        if self._compiles:
-            self._pending_compile = key
-            self._num_compiles += 1
+        self._pending_compile = key
+        self._num_compiles += 1
         while len(self._cache) > self.max_cached_steps:
             oldest = next(k for k in self._order if k)  # the full step stays
             self._order.remove(oldest)

@@ -343,6 +343,8 @@ def test_recompile_never_runs_only_cached_steps():
     _fit(m, x, y, [snaps], mat=mat)
     info = mat.step_cache_info()
     assert info["num_compiles"] == 0 and info["cached"] == [()], info
+    # An eager step (torch) needs no compile: it skips at once.
+    assert bool(info["skip_history"]) == (not keras_mat.backends.trainer().compiles_train_step(m)), info
     _check_masked_modules_unchanged(m, snaps)
 
 
@@ -527,7 +529,23 @@ def _step_matmuls(model, x, y):
 
         fn = tf.function(lambda d: model.train_step(d))
         graph = fn.get_concrete_function((tf.constant(x), tf.constant(y))).graph
-        return sum(op.type in ("MatMul", "BatchMatMulV2") for op in graph.get_operations())
+        # Products that feed an output or a state update; the others (the
+        # weight gradients of non-trainable variables that the tape's MatMul
+        # gradient forms) are pruned before the graph runs.
+        live, todo = (
+            set(),
+            [t.op for t in graph.outputs] + [o for o in graph.get_operations() if o.op_def.is_stateful],
+        )
+        while todo:
+            op = todo.pop()
+            if op.name in live:
+                continue
+            live.add(op.name)
+            todo.extend(t.op for t in op.inputs)
+            todo.extend(op.control_inputs)
+        return sum(
+            op.type in ("MatMul", "BatchMatMulV2") and op.name in live for op in graph.get_operations()
+        )
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
