@@ -1,5 +1,5 @@
-"""Baseline mask schedules (`keras_mat.baselines`): "Rand" and Multirate, on
-every backend, through `fit` with the MAT training step."""
+"""Baseline mask schedules (`keras_mat.baselines`): "Rand" (both readings) and
+Multirate, on every backend, through `fit` with `keras_mat.MATCallback`."""
 
 import keras
 import numpy as np
@@ -24,14 +24,17 @@ def _data(n, seed=0):
 
 class _Trace(keras.callbacks.Callback):
     """Weights before the first step and after every step, the masks in the
-    optimizer state after every step, and the logs."""
+    optimizer state, the FLOPs counters of the `MATCallback` and the logs after
+    every step. Variables are read from a list fixed before training: fully-off
+    variables are made non-trainable while they are off."""
 
-    def __init__(self):
+    def __init__(self, variables, mat):
         super().__init__()
-        self.weights, self.masks, self.logs = [], [], []
+        self.variables, self.mat = variables, mat
+        self.weights, self.masks, self.logs, self.flops = [], [], [], []
 
     def _weights(self):
-        return [np.array(keras.ops.convert_to_numpy(v.value)) for v in self.model.trainable_variables]
+        return [np.array(keras.ops.convert_to_numpy(v.value)) for v in self.variables]
 
     def on_train_begin(self, logs=None):
         self.weights.append(self._weights())
@@ -45,6 +48,7 @@ class _Trace(keras.callbacks.Callback):
             {k: np.asarray(keras.ops.convert_to_numpy(s["mask"].value)) for k, s in opt.mat_state.items()}
         )
         self.logs.append({k: float(v) for k, v in logs.items() if k.startswith("mat_")})
+        self.flops.append(dict(self.mat.flops))
 
 
 def _fit(schedule, inner=None, steps=8, seed_weights=0):
@@ -55,14 +59,16 @@ def _fit(schedule, inner=None, steps=8, seed_weights=0):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     x, y = _data(steps * BATCH)
-    trace = _Trace()
-    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False, callbacks=[trace])
+    # recompile="always": the skip set follows the schedule exactly (no compile-cost heuristic).
+    mat = keras_mat.MATCallback(x, recompile="always", batch_size=BATCH)
+    trace = _Trace(list(model.trainable_variables), mat)
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False, callbacks=[mat, trace])
     return model, trace
 
 
 def _moved(model, trace, step):
     """family name -> bool array: which modules changed during `step`."""
-    index = {id(v): i for i, v in enumerate(model.trainable_variables)}
+    index = {id(v): i for i, v in enumerate(trace.variables)}
     before, after = trace.weights[step], trace.weights[step + 1]
     out = {}
     for g in keras_mat.get_groups(model):
@@ -74,6 +80,27 @@ def _moved(model, trace, step):
                 moved[m] |= not np.array_equal(before[i][sel], after[i][sel])
         out[g.name] = moved
     return out
+
+
+def _check_schedule_followed(schedule, model, trace, steps, all_updated_move=True):
+    """Every step wrote the schedule's masks; masked modules stayed bit for bit
+    and updated ones moved. Returns the expected masks per step."""
+    fams = _families(model)
+    names = [n for n, _ in fams]
+    expected = []
+    for step in range(steps):
+        masks = dict(zip(names, schedule.masks(step, fams)))
+        for name, m in trace.masks[step].items():
+            np.testing.assert_array_equal(m, masks[name], err_msg=f"step {step} {name}")
+        moved = _moved(model, trace, step)
+        for name, m in masks.items():
+            assert not np.any(moved[name] & (m < 0.5)), f"step {step}: a masked module of {name} moved"
+            if all_updated_move:
+                assert np.all(moved[name][m > 0.5]), f"step {step}: an updated module of {name} did not move"
+            else:
+                assert np.any(moved[name]) == bool(np.any(m > 0.5)), (step, name)
+        expected.append(masks)
+    return expected
 
 
 def _families(model):
@@ -111,39 +138,36 @@ def test_rand_fit_follows_schedule_masked_modules_stay_and_flops_follow():
     model, trace = _fit(schedule)
     opt = find_mat_optimizer(model.optimizer)
     fams = _families(model)
+    expected = _check_schedule_followed(schedule, model, trace, 8, all_updated_move=False)
     report = flops.count_flops(model, 1, groups=opt.families)
     total = 0.0
-    for step in range(8):
-        expected = dict(zip([n for n, _ in fams], schedule.masks(step, fams)))
-        for name, m in trace.masks[step].items():
-            np.testing.assert_array_equal(m, expected[name], err_msg=f"step {step} {name}")
-        moved = _moved(model, trace, step)
-        for name, m in expected.items():
-            assert not np.any(moved[name] & (m < 0.5)), f"step {step}: a masked module of {name} moved"
-            assert np.any(moved[name]) == bool(np.any(m > 0.5)), (step, name)
+    for step, masks in enumerate(expected):
         total += (
-            flops.step_flops(report, {k: v > 0.5 for k, v in expected.items()}, frozen_prefix="auto") * BATCH
+            flops.step_flops(report, {k: v > 0.5 for k, v in masks.items()}, frozen_prefix="auto") * BATCH
         )
-        assert trace.logs[step]["mat_train_flops"] == pytest.approx(total, rel=1e-9)
+        assert trace.flops[step]["train"] == pytest.approx(total, rel=1e-9)
         # No probe runs: no probe FLOPs, no measurement.
-        assert trace.logs[step]["mat_total_flops"] == trace.logs[step]["mat_train_flops"]
-        active = sum(float(m.sum()) for m in expected.values()) / sum(n for _, n in fams)
+        assert trace.flops[step]["probe"] == 0.0
+        active = sum(float(m.sum()) for m in masks.values()) / sum(n for _, n in fams)
         assert trace.logs[step]["mat_active"] == pytest.approx(active)
-    assert trace.logs[7]["mat_train_flops"] < 8 * flops.step_flops(report, None, frozen_prefix="auto") * BATCH
+    assert trace.flops[7]["train"] < 8 * flops.step_flops(report, None, frozen_prefix="auto") * BATCH
     assert int(keras.ops.convert_to_numpy(opt.num_measurements.value)) == 0
     assert all(np.all(v == 0) for v in opt.lambda_max.values())
-    # Each change of the schedule's masks is recorded with the skip set it implies
-    # (every=2: masks change at steps 0, 2, 4, 6; the fraction-1.0 family is never off).
-    from keras_mat.training import step_cache_info
-
-    history = step_cache_info(model)["skip_history"]
-    assert [step for step, _ in history] == [0, 2, 4, 6], history
-    # Each recorded skip set is exactly the variables of the families the schedule turned off.
-    index = {id(v): i for i, v in enumerate(model.trainable_variables)}
+    # Each change of the set of fully-off variables is recorded with that set: the
+    # variables of the families the schedule turned off completely.
     groups = {g.name: g for g in keras_mat.get_groups(model)}
-    for step, skip in history:
-        off = [n for n, m in zip([n for n, _ in fams], schedule.masks(step, fams)) if not np.any(m > 0.5)]
-        assert sorted(skip) == sorted(index[id(v)] for n in off for v in groups[n].variables), (step, skip)
+
+    def off_paths(masks):
+        return sorted(v.path for n, m in masks.items() if not np.any(m > 0.5) for v in groups[n].variables)
+
+    changes, previous = [], []
+    for step, masks in enumerate(expected):
+        if off_paths(masks) != previous:
+            previous = off_paths(masks)
+            changes.append((step, previous))
+    history = trace.mat.step_cache_info()["skip_history"]
+    assert [(step, sorted(paths)) for step, paths in history] == changes
+    assert changes, "the schedule never switched a family off: the test would check nothing"
 
 
 def test_multirate_fast_every_step_slow_every_k_steps():
@@ -166,7 +190,7 @@ def test_multirate_fast_every_step_slow_every_k_steps():
     plain, plain_trace = _fit(
         Multirate(fast_fraction=0.5, k=k, seed=1, slow_lr_scale=1.0), keras.optimizers.SGD(0.05), 1
     )
-    index = {id(v): i for i, v in enumerate(model.trainable_variables)}
+    index = {id(v): i for i, v in enumerate(trace.variables)}
     for g in keras_mat.get_groups(model):
         for v, axis in zip(g.variables, g.axes):
             i = index[id(v)]
@@ -261,22 +285,10 @@ def test_paper_rand_fixed_share_redrawn_every_step():
 def test_paper_rand_fit_masked_modules_stay():
     schedule = PaperRand(0.5, every=1, seed=4)
     model, trace = _fit(schedule, steps=5)
-    fams = _families(model)
-    changed = 0
-    for step in range(5):
-        expected = dict(zip([n for n, _ in fams], schedule.masks(step, fams)))
-        for name, m in trace.masks[step].items():
-            np.testing.assert_array_equal(m, expected[name], err_msg=f"step {step} {name}")
-        moved = _moved(model, trace, step)
-        for name, m in expected.items():
-            assert not np.any(moved[name] & (m < 0.5)), f"step {step}: a masked module of {name} moved"
-            assert np.all(moved[name][m > 0.5]), f"step {step}: an updated module of {name} did not move"
-        if step and any(
-            not np.array_equal(a, b)
-            for a, b in zip(schedule.masks(step, fams), schedule.masks(step - 1, fams))
-        ):
-            changed += 1
-    assert changed >= 3  # redrawn during the run
+    expected = _check_schedule_followed(schedule, model, trace, 5)
+    # Redrawn during the run.
+    changed = sum(any(not np.array_equal(a[k], b[k]) for k in a) for a, b in zip(expected[1:], expected[:-1]))
+    assert changed >= 3
 
 
 def test_schedule_needs_one_step_per_execution():
@@ -288,5 +300,6 @@ def test_schedule_needs_one_step_per_execution():
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         steps_per_execution=2,
     )
+    x, y = _data(16)
     with pytest.raises(ValueError, match="steps_per_execution"):
-        model.fit(*_data(16), batch_size=BATCH, verbose=0)
+        model.fit(x, y, batch_size=BATCH, verbose=0, callbacks=[keras_mat.MATCallback(x)])
