@@ -62,11 +62,10 @@ def parse_args(argv=None):
         "--seed", type=int, default=0, help="weights, batch order and (with 1000+seed) nothing else"
     )
     p.add_argument("--data-seed", type=int, default=0, help="masking seed (the same for every run)")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=10)
     p.add_argument(
         "--patience", type=int, default=0, help="stop after this many evaluations without a new best"
     )
-    p.add_argument("--evals-per-epoch", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.01)
@@ -90,6 +89,11 @@ def parse_args(argv=None):
     p.add_argument("--rand-fraction", type=float, default=0.5)
     p.add_argument("--multirate-k", type=int, default=4)
     p.add_argument("--log-lambda", type=int, default=0, help="log heads' lambda_max every K steps (0: off)")
+    p.add_argument(
+        "--spectrum-epochs",
+        default="",
+        help="comma list of epochs (0: start) to record every head's mNTK spectrum",
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--verbose", type=int, default=1)
     return p.parse_args(argv)
@@ -135,6 +139,23 @@ def head_groups(model):
     return [g for g in keras_mat.discover_groups(model, include=("head",)) if g.kind == "head"]
 
 
+def head_spectra(model, x, groups):
+    """Every head's full mNTK spectrum on the probe set (`ntk_output="sum"`), descending:
+    dict family -> (heads, n) list. `keras_mat.module_spectrum` when the library has it,
+    else the eigenvalues of the dense reference's Gram matrices."""
+    import keras_mat
+
+    if hasattr(keras_mat, "module_spectrum"):
+        out = keras_mat.module_spectrum(model, x, ntk_output="sum", groups=groups)
+        return {k: np.asarray(v["eigenvalues"]).tolist() for k, v in out.items()}
+    from keras_mat import reference
+
+    _, grams = reference.reference_lambda_max(model, x, groups=groups, ntk_output="sum", return_grams=True)
+    return {
+        k: np.sort(np.linalg.eigvalsh(np.asarray(g)), axis=-1)[:, ::-1].tolist() for k, g in grams.items()
+    }
+
+
 def masked_loss(model, arrays, batch_size):
     """Mean masked-LM cross-entropy over the real mask slots (inference mode)."""
     x, y, w = arrays
@@ -149,6 +170,18 @@ def masked_loss(model, arrays, batch_size):
         total += float((nll * wb).sum())
         count += float(wb.sum())
     return total / max(count, 1.0)
+
+
+def use_temporal_period(period):
+    """Makes the MAT optimizer's policy update evaluate the temporal rule every
+    `period` measurements (`keras_mat.policy.policy_update(..., period=...)`),
+    for a library whose `wrap` has no `temporal` option yet."""
+    import functools
+
+    from keras_mat import optimizer as optimizer_lib
+    from keras_mat import policy
+
+    optimizer_lib.policy_lib.policy_update = functools.partial(policy.policy_update, period=int(period))
 
 
 def main(argv=None):
@@ -166,135 +199,112 @@ def main(argv=None):
     x0 = {k: v[: args.batch_size] for k, v in train[0].items()}
     model(x0)
     groups = head_groups(model)
+    keras_mat.annotate(model, groups=groups)  # heads only; a plain optimizer ignores it
     probe_x = {k: v[: args.probe_samples] for k, v in train[0].items()}
     probe_y = train[1][: args.probe_samples]
 
     inner = keras.optimizers.AdamW(args.lr, weight_decay=args.weight_decay)
-    callbacks, optimizer, mat_cb = [], inner, None
-    if args.variant != "plain":
-        keras_mat.annotate(model, groups=groups)
+    optimizer, mat_cb = inner, None
     if args.variant == "mat":
         options = dict(alpha=args.alpha, beta=args.beta, probe_every=args.probe_every, ntk_output="sum")
         options["probe_samples"] = args.probe_samples
-        if args.temporal is not None:
-            options["temporal"] = args.temporal
         optimizer = keras_mat.wrap(inner, **options)
-        mat_cb = keras_mat.MATCallback(probe_x, probe_y)
-        callbacks.append(mat_cb)
+        if args.temporal is not None:
+            period = (
+                keras_mat.policy.temporal_period(args.temporal, args.probe_every, steps_per_epoch)
+                if not args.temporal.isdigit()
+                else int(args.temporal)
+            )
+            use_temporal_period(period)
     elif args.variant in ("rand", "multirate"):
         if args.variant == "rand":
             schedule = keras_mat.RandomModules(args.rand_fraction, every=args.probe_every, seed=args.seed)
         else:
             schedule = keras_mat.Multirate(k=args.multirate_k)
         optimizer = keras_mat.wrap(inner, policy=schedule)
+    if args.variant != "plain" or args.log_lambda:
+        every = args.log_lambda or args.probe_every
+        mat_cb = keras_mat.MATCallback(
+            probe_x, probe_y, probe_samples=args.probe_samples, probe_every=every, batch_size=args.batch_size
+        )
     model.compile(optimizer=optimizer, **wikitext.compile_kwargs())
-
     report = flops_lib.count_flops(
         model, args.batch_size, input_shapes={k: (args.seq,) for k in x0}, groups=groups
     )
     plain_step = flops_lib.step_flops(report)
-    families = [(g.name, g.num_modules) for g in groups]
-    schedule = locals().get("schedule")
 
-    state = dict(step=0, flops=0.0, train_time=0.0, lambda_log=[], active=[])
+    times = []
 
-    def current_masks():
-        """Dict family -> 0/1 array of heads trained this step (None: all)."""
-        if schedule is not None:
-            return dict(zip([f for f, _ in families], schedule.masks(state["step"], families)))
-        return mat_masks(model.optimizer)
-
-    def step_cost(masks):
-        if masks is not None:
-            masks = {k: np.asarray(v) > 0 for k, v in masks.items()}
-        return flops_lib.step_flops(report, masks=masks, frozen_prefix="auto")
-
-    class Recorder(keras.callbacks.Callback):
-        def on_train_batch_begin(self, batch, logs=None):
+    class Timer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
             self._t = time.perf_counter()
 
-        def on_train_batch_end(self, batch, logs=None):
-            state["train_time"] += time.perf_counter() - self._t
-            masks = current_masks()
-            state["flops"] += step_cost(masks)
-            if masks is not None:
-                on = sum(float(np.sum(m)) for m in masks.values())
-                tot = sum(np.size(m) for m in masks.values())
-                state["active"].append(on / max(tot, 1))
-            state["step"] += 1
+        def on_test_begin(self, logs=None):
+            if getattr(self, "_t", None) is not None:
+                times.append(time.perf_counter() - self._t)
+                self._t = None
 
-    recorder = Recorder()
-    records = []
-    best = (float("inf"), -1)
-    evals = 0
-    eval_every = max(1, steps_per_epoch // args.evals_per_epoch)
-    # Evaluate at step 0 as well (all variants start from the same weights for one seed).
-    records.append(
-        dict(step=0, epoch=0.0, flops=0.0, seconds=0.0, val=masked_loss(model, val, 64), test=None)
-    )
-    total_steps = args.epochs * steps_per_epoch
-    order = np.concatenate(
-        [np.random.RandomState(args.seed * 1000 + e).permutation(n_train) for e in range(args.epochs)]
-    )
+    best = {"val": float("inf")}
 
-    def log_lambda():
-        t0 = time.perf_counter()
-        lam = keras_mat.module_lambda_max(model, probe_x, groups=groups, ntk_output="sum")
-        entry = {k: np.asarray(v, "float64").tolist() for k, v in lam.items()}
-        seconds = time.perf_counter() - t0
-        state["lambda_log"].append({"step": state["step"], "lambda": entry, "seconds": seconds})
+    class Best(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if logs["val_mlm_loss"] < best["val"]:
+                best.update(val=float(logs["val_mlm_loss"]), epoch=epoch + 1)
+                best["weights"] = [np.array(w) for w in self.model.get_weights()]
 
-    def train_steps(n):
-        """`n` optimizer steps of `fit` on the next batches of the fixed order."""
-        start = state["step"] * args.batch_size
-        idx = order[start : start + n * args.batch_size]
-        x, y, w = train
-        model.fit(
-            {k: v[idx] for k, v in x.items()},
-            y[idx],
-            sample_weight=w[idx],
-            batch_size=args.batch_size,
-            epochs=1,
-            shuffle=False,
-            callbacks=[recorder, *callbacks],
-            verbose=0,
-        )
+    spectra = {}
+    spectrum_epochs = {int(e) for e in args.spectrum_epochs.split(",") if e.strip()}
 
-    if args.log_lambda:
-        log_lambda()
+    class Spectrum(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            if 0 in spectrum_epochs:
+                spectra[0] = head_spectra(self.model, probe_x, groups)
+
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch + 1 in spectrum_epochs:
+                spectra[epoch + 1] = head_spectra(self.model, probe_x, groups)
+
+    callbacks = [Timer(), Best(), Spectrum()] + ([mat_cb] if mat_cb is not None else [])
+    if args.patience:
+        callbacks.append(keras.callbacks.EarlyStopping("val_mlm_loss", patience=args.patience))
     t_start = time.perf_counter()
-    stop = False
-    while state["step"] < total_steps and not stop:
-        n = min(eval_every, total_steps - state["step"])
-        chunk = args.log_lambda or n
-        target = state["step"] + n
-        while state["step"] < target:
-            train_steps(min(chunk - state["step"] % chunk, target - state["step"]))
-            if args.log_lambda and state["step"] % args.log_lambda == 0:
-                log_lambda()
-        v = masked_loss(model, val, 64)
-        rec = dict(
-            step=state["step"],
-            epoch=state["step"] / steps_per_epoch,
-            flops=state["flops"],
-            seconds=state["train_time"],
-            val=v,
-            active=float(np.mean(state["active"][-n:])) if state["active"] else 1.0,
+    hist = model.fit(
+        wikitext.as_dataset(train, args.batch_size, shuffle_seed=args.seed),
+        epochs=args.epochs,
+        validation_data=wikitext.as_dataset(val, 64),
+        callbacks=callbacks,
+        verbose=2 if args.verbose else 0,
+    )
+    wall = time.perf_counter() - t_start
+    h = hist.history
+    records, seconds = [], 0.0
+    for e in range(len(h["val_mlm_loss"])):
+        seconds += times[e]
+        flops = (
+            h["mat_gflop_trained"][e] * 1e9
+            if "mat_gflop_trained" in h and args.variant != "plain"
+            else plain_step * steps_per_epoch * (e + 1)
         )
-        if mat_cb is not None and hasattr(model.optimizer, "frozen_fraction"):
-            rec["frozen"] = float(model.optimizer.frozen_fraction())
+        rec = dict(epoch=e + 1, step=steps_per_epoch * (e + 1), flops=flops, seconds=seconds)
+        rec["val"] = float(h["val_mlm_loss"][e])
+        rec["train"] = float(h["mlm_loss"][e])
+        rec["active"] = float(h["mat_active"][e]) if "mat_active" in h else 1.0
+        rec["frozen"] = float(h["mat_frozen"][e]) if "mat_frozen" in h else 0.0
+        if "mat_gflop_probes" in h:
+            rec["probe_flops"] = h["mat_gflop_probes"][e] * 1e9
         records.append(rec)
-        evals += 1
-        if args.verbose:
-            print(json.dumps(rec), flush=True)
-        if v < best[0]:
-            best = (v, evals)
-            best_weights = [np.array(w) for w in model.get_weights()]
-        elif args.patience and evals - best[1] >= args.patience:
-            stop = True
-    best_record = min(records[1:], key=lambda r: r["val"])
-    model.set_weights(best_weights)
+    best_record = dict(records[best["epoch"] - 1])
+    model.set_weights(best.pop("weights"))
     best_record["test"] = masked_loss(model, test, 64)
+    lambda_log = []
+    if mat_cb is not None:
+        by_step = {}
+        for row in mat_cb.rows:
+            entry = by_step.setdefault(row["step"], {})
+            entry.setdefault(row["family"], {})[int(row["module"])] = float(row["lambda_max"])
+        for step, fams in sorted(by_step.items()):
+            lam = {k: [v[i] for i in sorted(v)] for k, v in fams.items()}
+            lambda_log.append({"step": int(step), "lambda": lam})
     out = dict(
         args=vars(args),
         best=best_record,
@@ -304,26 +314,22 @@ def main(argv=None):
         test_sequences=len(test[1]),
         steps_per_epoch=steps_per_epoch,
         plain_step_flops=plain_step,
-        records=records,
-        lambda_log=state["lambda_log"],
-        wall_seconds=time.perf_counter() - t_start,
+        records=[dict(epoch=0, step=0, flops=0.0, seconds=0.0, val=None)] + records,
+        lambda_log=lambda_log,
+        spectra=spectra,
+        wall_seconds=wall,
         backend=keras.backend.backend(),
     )
-    if mat_cb is not None and hasattr(mat_cb, "history"):
-        out["mat_history"] = _json_safe(mat_cb.history)
+    if mat_cb is not None and args.variant == "mat":
+        out["mat_rows_masks"] = [
+            {"step": int(r["step"]), "family": r["family"], "module": int(r["module"]), "active": r["active"],
+             "frozen": r["frozen"]}
+            for r in mat_cb.rows
+        ]  # fmt: skip
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(out, f)
+        json.dump(_json_safe(out), f)
     return out
-
-
-def mat_masks(optimizer):
-    """Dict family -> trained-module mask of a MAT optimizer (None for a plain one)."""
-    for name in ("active_masks", "current_masks", "masks_dict"):
-        fn = getattr(optimizer, name, None)
-        if callable(fn):
-            return {k: np.asarray(v) for k, v in fn().items()}
-    return None
 
 
 def _json_safe(x):

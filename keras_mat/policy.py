@@ -19,14 +19,17 @@ One measurement `r` (`policy_update`) does, in this order:
    masks and the measurement counter (so the next good measurement takes this
    one's place). `all_finite` exposes the same flag so an eager caller can
    raise instead.
-2. **Temporal policy** (`temporal_stop`). `Delta(r) = |lambda(r) -
-   lambda_init|`. At `r = 0`, `lambda_init := lambda(0)`; at `r = 1`,
-   `delta_first := Delta(1)`. An alive module that was updated during the last
-   interval is frozen *permanently* when `r >= max(2, warmup)` and
-   `|Delta(r) - delta_prev| / max(delta_first, eps) < beta`. Then
-   `delta_prev := Delta(r)` for every module. Warm-up suppresses temporal
-   stopping on purpose: "every module is updated until measurement `warmup`"
-   would otherwise be violated.
+2. **Temporal policy** (`temporal_stop`), the paper's formula (7) on a clock
+   of `period` measurements per time step `t` (`temporal_period`; by
+   default one epoch). `Delta = |lambda - lambda_init|`. At `r = 0`,
+   `lambda_init := lambda(0)`; at `r = period`, `delta_first := Delta`. At
+   every `r = t * period >= max(2 * period, warmup)`, an alive module that
+   was updated during the last interval is frozen *permanently* when
+   `|Delta - delta_prev| / max(delta_first, eps) < beta`; then
+   `delta_prev := Delta`. `period=1` evaluates the rule at every
+   measurement. Warm-up suppresses temporal stopping on purpose: "every
+   module is updated until measurement `warmup`" would otherwise be
+   violated.
 3. **Modular policy** (`modular_masks`), on the modules still alive after
    step 2: per scope, `threshold = lmin + alpha * (lmax - lmin)` over the
    alive modules of the scope, and `mask = alive & (lambda >= threshold)`.
@@ -45,6 +48,10 @@ from keras import ops
 from keras_mat.groups import KINDS
 
 THRESHOLD_SCOPES = ("auto", "global", "per_layer")
+#: Readings of the temporal policy's time `t` (see `temporal_period`).
+TEMPORAL_READINGS = ("epoch", "measurement")
+#: Measurements per temporal step of `temporal="epoch"` when the epoch length is unknown.
+FALLBACK_PERIOD = 10
 
 
 class PolicyState(NamedTuple):
@@ -155,6 +162,92 @@ def check_warmup(warmup):
     return int(warmup)
 
 
+def check_temporal(temporal):
+    """Validates the temporal-policy reading `temporal`.
+
+    Args:
+        temporal: `"epoch"` (`t` counts epochs), `"measurement"` (`t` counts
+            measurements) or an int `>= 1` (`t` counts that many
+            measurements). See `temporal_period`.
+
+    Returns:
+        `temporal` (an int is returned as a Python int).
+
+    Raises:
+        ValueError: on any other value.
+
+    Example:
+
+    >>> check_temporal("epoch")
+    'epoch'
+    """
+    if isinstance(temporal, str) and temporal in TEMPORAL_READINGS:
+        return temporal
+    if isinstance(temporal, numbers.Integral) and not isinstance(temporal, bool) and temporal >= 1:
+        return int(temporal)
+    raise ValueError(
+        f"`temporal` must be one of {TEMPORAL_READINGS} or an int >= 1 (measurements per temporal "
+        f"step). Received: temporal={temporal!r}"
+    )
+
+
+def temporal_period(temporal, probe_every, steps_per_epoch=None):
+    """Measurements per temporal step `t` of the temporal policy (static Python).
+
+    The paper's formula (7) compares the drift `Delta(t)` of each module's
+    `lambda_max` between consecutive times `t`, relative to the first drift
+    `Delta(1)`. Which clock `t` runs on decides whether the rule can fire:
+
+    - `"epoch"` (default of `keras_mat.wrap`): `t` counts epochs, so the rule
+      is evaluated once per epoch and `Delta(1)` is the drift over the whole
+      first epoch: `round(steps_per_epoch / probe_every)` measurements (at
+      least 1). When the epoch length is unknown (`steps_per_epoch=None`, an
+      endless dataset) it falls back to `FALLBACK_PERIOD` measurements.
+    - `"measurement"`: `t` counts measurements (period 1). `Delta(1)` is the
+      drift over the first `probe_every` steps, tiny next to later changes
+      while `lambda_max` grows by orders of magnitude, so the rule rarely
+      fires.
+    - an int `k >= 1`: `t` counts `k` measurements.
+
+    Args:
+        temporal: The reading (see `check_temporal`).
+        probe_every: Steps between measurements (int `>= 1`).
+        steps_per_epoch: Optimizer steps per epoch, or `None` if unknown.
+
+    Returns:
+        An int `>= 1`, the `period` argument of `policy_update`.
+
+    Raises:
+        ValueError: on an invalid `temporal`, `probe_every` or
+            `steps_per_epoch`.
+
+    Example:
+
+    >>> temporal_period("epoch", probe_every=25, steps_per_epoch=160)
+    6
+    >>> temporal_period("measurement", probe_every=25, steps_per_epoch=160)
+    1
+    """
+    temporal = check_temporal(temporal)
+    if not isinstance(probe_every, numbers.Integral) or isinstance(probe_every, bool) or probe_every < 1:
+        raise ValueError(f"`probe_every` must be an int >= 1. Received: probe_every={probe_every!r}")
+    if steps_per_epoch is not None and (
+        not isinstance(steps_per_epoch, numbers.Integral)
+        or isinstance(steps_per_epoch, bool)
+        or steps_per_epoch < 1
+    ):
+        raise ValueError(
+            f"`steps_per_epoch` must be an int >= 1 or None. Received: steps_per_epoch={steps_per_epoch!r}"
+        )
+    if isinstance(temporal, int):
+        return temporal
+    if temporal == "measurement":
+        return 1
+    if steps_per_epoch is None:
+        return FALLBACK_PERIOD
+    return max(1, int(round(steps_per_epoch / probe_every)))
+
+
 def scope_ids(kinds, threshold_scope="auto"):
     """Maps family kinds to threshold scope ids (families with equal ids share a threshold).
 
@@ -231,6 +324,29 @@ def _check_lengths(n, **lists):
             )
 
 
+def _check_shapes(reference, **lists):
+    """Every list's i-th tensor has the (static) shape of `reference[i]`."""
+    for name, values in lists.items():
+        for i, (ref, value) in enumerate(zip(reference, values)):
+            if tuple(value.shape) != tuple(ref.shape):
+                raise ValueError(
+                    f"`{name}[{i}]` must have the shape of `lambda_max[{i}]` {tuple(ref.shape)}. "
+                    f"Received: {name}[{i}].shape={tuple(value.shape)}"
+                )
+
+
+def _check_static(alpha=None, beta=None, period=None):
+    """Validates the options given as Python numbers (tensors pass unchecked: trace-safe)."""
+    if isinstance(alpha, numbers.Number):
+        check_alpha(alpha)
+    if isinstance(beta, numbers.Number):
+        check_beta(beta)
+    if isinstance(period, numbers.Number) and (
+        not isinstance(period, numbers.Integral) or isinstance(period, bool) or period < 1
+    ):
+        raise ValueError(f"`period` must be an int >= 1. Received: period={period!r}")
+
+
 def initial_state(num_modules):
     """Builds the policy state before the first measurement.
 
@@ -304,6 +420,10 @@ def modular_masks(lambda_max, frozen, alpha, scopes):
     Returns:
         A list of float32 (G,) masks, one per family.
 
+    Raises:
+        ValueError: on lists of different lengths or shapes, or a Python
+            `alpha` outside `[0, 1)`.
+
     Example:
 
     >>> masks = modular_masks([ops.array([1.0, 2.0, 3.0])], [ops.zeros((3,))],
@@ -315,6 +435,8 @@ def modular_masks(lambda_max, frozen, alpha, scopes):
     frozen = _float_list(frozen, "frozen")
     scopes = list(scopes)
     _check_lengths(len(lambda_max), frozen=frozen, scopes=scopes)
+    _check_shapes(lambda_max, frozen=frozen)
+    _check_static(alpha=alpha)
     alpha = ops.cast(alpha, "float32")
     alive = [f <= 0.0 for f in frozen]
     thresholds = {}
@@ -374,6 +496,10 @@ def temporal_stop(lambda_max, state, beta, warmup=1, eps=1e-12, period=1):
         A tuple `(frozen, lambda_init, delta_prev, delta_first)` of lists of
         float32 (G,) tensors.
 
+    Raises:
+        ValueError: on state lists whose lengths or shapes differ from
+            `lambda_max`, a Python `beta <= 0` or a Python `period < 1`.
+
     Example:
 
     >>> state = initial_state([2])
@@ -396,6 +522,17 @@ def temporal_stop(lambda_max, state, beta, warmup=1, eps=1e-12, period=1):
         delta_prev=delta_prev,
         delta_first=delta_first,
     )
+    _check_shapes(
+        lambda_max,
+        **{
+            "state.masks": updated,
+            "state.frozen": frozen,
+            "state.lambda_init": lambda_init,
+            "state.delta_prev": delta_prev,
+            "state.delta_first": delta_first,
+        },
+    )
+    _check_static(beta=beta, period=period)
     r = ops.cast(state.measurement, "int32")
     period = ops.maximum(ops.cast(period, "int32"), 1)
     beta = ops.cast(beta, "float32")
@@ -447,6 +584,12 @@ def policy_update(lambda_max, state, alpha, beta, scopes, warmup=1, eps=1e-12, p
         The new `PolicyState`: `(masks, frozen, lambda_init, delta_prev,
         delta_first, measurement)` with `measurement = r + 1`.
 
+    Raises:
+        ValueError: on state lists whose lengths or shapes differ from
+            `lambda_max`, or options given as Python numbers out of range
+            (tensor options are not checked, so that the function stays
+            trace-safe).
+
     Example:
 
     >>> state = initial_state([3])
@@ -456,6 +599,7 @@ def policy_update(lambda_max, state, alpha, beta, scopes, warmup=1, eps=1e-12, p
     [0.0, 1.0, 1.0]
     """
     lambda_max = _float_list(lambda_max, "lambda_max")
+    _check_static(alpha=alpha, beta=beta, period=period)
     ok = all_finite(lambda_max)
     # Non-finite entries are zeroed before any arithmetic so that nothing
     # non-finite is ever computed, even in the branch `ok` discards.

@@ -495,3 +495,48 @@ def test_structure_errors():
         P.modular_masks(_lams([1], [2]), _lams([0], [0]), 0.5, scopes=[0])
     with pytest.raises(TypeError, match=r"`lambda_max`"):
         P.modular_masks(_t([1, 2]), _lams([0, 0]), 0.5, [0])
+
+
+def test_temporal_period_readings():
+    assert P.temporal_period("epoch", probe_every=25, steps_per_epoch=160) == 6
+    assert P.temporal_period("epoch", probe_every=10, steps_per_epoch=5) == 1
+    assert P.temporal_period("epoch", probe_every=10, steps_per_epoch=None) == P.FALLBACK_PERIOD
+    assert P.temporal_period("measurement", probe_every=25, steps_per_epoch=160) == 1
+    assert P.temporal_period(4, probe_every=25, steps_per_epoch=160) == 4
+    assert P.temporal_period(np.int64(3), probe_every=7) == 3
+    assert P.check_temporal("measurement") == "measurement"
+    assert P.check_temporal(np.int32(2)) == 2 and isinstance(P.check_temporal(np.int32(2)), int)
+
+
+@pytest.mark.parametrize("value", ["epochs", "", 0, -1, 1.5, True, None])
+def test_check_temporal_rejects(value):
+    with pytest.raises(ValueError, match=r"`temporal`.*Received: temporal="):
+        P.check_temporal(value)
+
+
+def test_temporal_period_rejects():
+    with pytest.raises(ValueError, match=r"Received: probe_every=0"):
+        P.temporal_period("epoch", probe_every=0, steps_per_epoch=10)
+    with pytest.raises(ValueError, match=r"Received: steps_per_epoch=0"):
+        P.temporal_period("epoch", probe_every=5, steps_per_epoch=0)
+    with pytest.raises(ValueError, match=r"Received: temporal='week'"):
+        P.temporal_period("week", probe_every=5)
+
+
+def test_static_options_and_shapes_are_checked():
+    state = P.initial_state([2])
+    with pytest.raises(ValueError, match=r"Received: alpha=2.0"):
+        P.policy_update(_lams([1, 2]), state, 2.0, 1e-3, [0])
+    with pytest.raises(ValueError, match=r"Received: beta=0.0"):
+        P.policy_update(_lams([1, 2]), state, 0.5, 0.0, [0])
+    with pytest.raises(ValueError, match=r"Received: period=0"):
+        P.policy_update(_lams([1, 2]), state, 0.5, 1e-3, [0], period=0)
+    with pytest.raises(ValueError, match=r"`frozen\[0\]`.*Received: frozen\[0\].shape=\(2,\)"):
+        P.modular_masks(_lams([1, 2, 3]), _lams([0, 0]), 0.5, [0])
+    with pytest.raises(
+        ValueError, match=r"`state.delta_prev\[0\]`.*Received: state.delta_prev\[0\].shape=\(3,\)"
+    ):
+        P.temporal_stop(_lams([1, 2]), state._replace(delta_prev=[_t([0, 0, 0])]), 0.1)
+    # Options given as tensors are not checked (trace-safe) and still work.
+    new = P.policy_update(_lams([1, 2]), state, ops.convert_to_tensor(0.5), ops.convert_to_tensor(0.1), [0])
+    _assert_state(new, masks=([1, 1],), measurement=1)
