@@ -21,7 +21,7 @@ def make_model(seed=0):
     x = keras.layers.Conv1D(4, 2, name="conv")(x)
     x = keras.layers.Flatten()(x)
     out = keras.layers.Dense(2, name="out")(x)
-    return annotate(keras.Model(inp, out))
+    return annotate(keras.Model(inp, out), dense=True)
 
 
 def data(n=8, seed=0):
@@ -201,7 +201,7 @@ def test_adafactor_whole_layer_families_only():
         opt.build(model.trainable_variables)
     # ... one-module families are masked all-or-nothing.
     model = make_model()
-    annotate(model, conv_modules=1, exclude=["mha"])
+    annotate(model, conv_modules=1, exclude=["mha"], dense=True)
     opt = wrap(keras.optimizers.Adafactor(0.01))
     opt.build(model.trainable_variables)
     masks = {g.name: np.array([g.name != "out"]) for g in opt.families}
@@ -348,12 +348,8 @@ class _CountingLoss(keras.losses.Loss):
         ),
     ],
 )
-def test_fit_masks_are_state_not_constants(jit_compile, monkeypatch):
-    # Tests the optimizer alone inside Keras's own train step: the MAT train
-    # step that `annotate` installs is tested in test_training.py.
-    import keras_mat.training
-
-    monkeypatch.setattr(keras_mat.training, "install", lambda model: model)
+def test_fit_masks_are_state_not_constants(jit_compile):
+    # The optimizer alone inside Keras's own train step (no MATCallback).
     model = make_model()
     # policy=None: the masks set by the callback are not replaced by the MAT policy.
     opt = wrap(keras.optimizers.Adam(0.01), policy=None)
@@ -439,12 +435,16 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_config_round_trip():
-    opt = wrap(keras.optimizers.SGD(0.5, momentum=0.5), alpha=0.1, beta=0.01, warmup=3, probe="batch")
+    opt = wrap(keras.optimizers.SGD(0.5, momentum=0.5), alpha=0.1, beta=0.01, warmup=3, skip_gradients=False)
     config = opt.get_config()
     clone = ModularAdaptiveOptimizer.from_config(config)
     assert isinstance(clone.inner_optimizer, keras.optimizers.SGD)
     assert clone.inner_optimizer.momentum == 0.5
-    assert (clone.alpha, clone.beta, clone.warmup, clone.probe) == (0.1, 0.01, 3, "batch")
+    assert (clone.alpha, clone.beta, clone.warmup, clone.skip_gradients) == (0.1, 0.01, 3, False)
+    # Older configs carry probe="fixed"; another probe is refused by name.
+    assert ModularAdaptiveOptimizer.from_config({**config, "probe": "fixed"}).alpha == 0.1
+    with pytest.raises(ValueError, match="Received: probe='batch'"):
+        ModularAdaptiveOptimizer.from_config({**config, "probe": "batch"})
     clone2 = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
     assert isinstance(clone2, ModularAdaptiveOptimizer)
 
@@ -510,17 +510,51 @@ def test_ungrouped_variables_always_updated():
         ({"policy": "random"}, "policy"),
         ({"probe": "random"}, "probe"),
         ({"weight_decay": 0.1}, "weight_decay"),
+        ({"ntk_output": np.array(["sum"])}, "ntk_output"),
+        ({"policy": np.array([1.0])}, "policy"),
+        ({"skip_gradients": "yes"}, "skip_gradients"),
     ],
 )
 def test_invalid_options(kwargs, match):
     with pytest.raises(ValueError, match=match) as info:
-        wrap(keras.optimizers.Adam(), **kwargs)
+        ModularAdaptiveOptimizer(keras.optimizers.Adam(), **kwargs)
     assert "Received:" in str(info.value)
+
+
+def test_wrap_signature_and_identifiers():
+    import inspect
+
+    params = inspect.signature(wrap).parameters
+    assert params["alpha"].default == 0.5 and params["probe_every"].default == 100
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for name, p in params.items() if name != "optimizer")
+    opt = wrap("adamw", probe_every=7)
+    assert isinstance(opt.inner_optimizer, keras.optimizers.AdamW) and opt.probe_every == 7
+    with pytest.raises(ValueError, match="Received: optimizer='no-such-optimizer'"):
+        wrap("no-such-optimizer")
+    with pytest.raises(TypeError):
+        wrap(keras.optimizers.Adam(), weight_decay=0.1)  # belongs on the inner optimizer
+
+
+def test_exclude_from_weight_decay_reaches_the_inner_optimizer():
+    model = make_model()
+    opt = wrap(keras.optimizers.AdamW(0.1, weight_decay=0.5), policy=None)
+    opt.exclude_from_weight_decay(var_names=["bias"])
+    opt.build(model.trainable_variables)
+    biases = [v for v in model.trainable_variables if "bias" in v.name]
+    before = values(biases)
+    kernel = model.get_layer("out").kernel
+    kernel_before = np.array(keras.ops.convert_to_numpy(kernel.value))
+    zeros = [keras.ops.zeros(tuple(v.shape)) for v in model.trainable_variables]
+    opt.apply(zeros, model.trainable_variables)
+    # A zero gradient moves a variable only through weight decay.
+    for v, b in zip(biases, before):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(v.value), b, err_msg=v.path)
+    assert not np.array_equal(keras.ops.convert_to_numpy(kernel.value), kernel_before)  # decayed
 
 
 def test_invalid_inner_optimizer():
     with pytest.raises(TypeError, match="inner_optimizer"):
-        wrap("adam")
+        ModularAdaptiveOptimizer("adam")
     with pytest.raises(ValueError, match="inner_optimizer"):
         wrap(wrap(keras.optimizers.Adam()))
     built = keras.optimizers.Adam()
