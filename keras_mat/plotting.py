@@ -185,7 +185,7 @@ def plot_lambda(source, path=None, title=None, log_scale=True):
         ax.scatter(xx, yy, s=8, c="white", marker="o", label="masked")
         yy, xx = np.nonzero(stopped)
         ax.scatter(xx, yy, s=14, c="red", marker="x", label="frozen")
-        ax.legend(loc="upper right", fontsize=6)
+        ax.legend(loc="upper right", fontsize=6, facecolor="0.6")
         ax.set_yticks(range(n))
         ax.set_yticklabels([f"{f}[{m}]" for f, m in modules], fontsize=6)
     ax.set_xticks(range(len(steps)))
