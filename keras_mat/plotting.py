@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-#: Columns `plot_lambda` needs in each row (a `MATLogger` writes more).
+#: Columns `plot_lambda` needs in each row (a `MATCallback` records more).
 REQUIRED_COLUMNS = ("step", "family", "module", "lambda_max", "active", "frozen")
 _INT_COLUMNS = ("step", "measurement", "module", "active", "frozen")
 _MAX_ROWS_LABELLED = 80
@@ -31,7 +31,7 @@ def _parse(column, value):
 
 
 def read_log_csv(path):
-    """Reads the CSV written by `keras_mat.MATLogger` into a list of rows.
+    """Reads the CSV file written by `keras_mat.MATCallback(csv_path=...)`.
 
     Args:
         path: Path of the CSV file.
@@ -53,7 +53,7 @@ def read_log_csv(path):
         missing = [c for c in REQUIRED_COLUMNS if c not in header]
         if missing:
             raise ValueError(
-                f"{path} is not a MATLogger CSV: columns {missing} are missing. Received: columns={header}"
+                f"{path} is not a MATCallback CSV file: columns {missing} are missing. Received: columns={header}"
             )
         for row in reader:
             line = reader.line_num
@@ -79,11 +79,11 @@ def _load_rows(source):
         return read_log_csv(source)
     if isinstance(source, (list, tuple)):
         return list(source)
-    rows = getattr(source, "rows", None)  # a MATLogger
+    rows = getattr(source, "rows", None)  # a MATCallback
     if isinstance(rows, list):
         return rows
     raise TypeError(
-        "plot_lambda takes a MATLogger, the path of its CSV, or a list of its rows. "
+        "plot_lambda takes a MATCallback, the path of its CSV file, or a list of its rows. "
         f"Received: source of type {type(source).__name__}"
     )
 
@@ -102,9 +102,9 @@ def plot_lambda(source, path=None, title=None, log_scale=True):
     backend: in a notebook, the returned figure displays inline.
 
     Args:
-        source: A `keras_mat.MATLogger`, the path of its CSV, or a list of
-            its rows (dicts with `step`, `family`, `module`, `lambda_max`,
-            `active` and `frozen`).
+        source: A `keras_mat.MATCallback` (its `rows`), the path of its CSV
+            file, or a list of its rows (dicts with `step`, `family`,
+            `module`, `lambda_max`, `active` and `frozen`).
         path: Optional file to save the figure to (any format matplotlib
             writes, e.g. `"lambda.png"`).
         title: Optional figure title.
