@@ -231,37 +231,93 @@ def _layer_name(layer):
     return getattr(layer, "path", None) or layer.name
 
 
+_QUERY_HEAD_ATTRS = ("_num_heads", "num_heads", "num_query_heads", "_num_query_heads")
+_KV_HEAD_ATTRS = ("num_key_value_heads", "_num_key_value_heads")
+_PROJECTIONS = ("_query_dense", "_key_dense", "_value_dense", "_output_dense")
+
+
+def _first_int(layer, names):
+    for name in names:
+        value = _as_int(getattr(layer, name, None))
+        if value is not None and value >= 1:
+            return value
+    return None
+
+
+def _is_attention(layer):
+    # Keras MultiHeadAttention (and keras-hub's subclasses), and any layer laid
+    # out like it: query/key/value/output projection sub-layers and a head
+    # count (Keras GroupQueryAttention, keras-hub Llama/Mistral/Bloom...).
+    if isinstance(layer, keras.layers.MultiHeadAttention):
+        return True
+    return _first_int(layer, _QUERY_HEAD_ATTRS) is not None and all(
+        isinstance(getattr(layer, a, None), keras.layers.Layer) for a in _PROJECTIONS
+    )
+
+
+def _head_axis(shape, heads, head_dim, role):
+    # The head axis of one projection variable in the standard layouts, or None
+    # (nothing is guessed at): input kernels (d, H, d_head) or (d, H * d_head),
+    # their biases (H, d_head) or (H * d_head,), output kernels (H, d_head, d)
+    # or (H * d_head, d).
+    axis = {"kernel": 1, "bias": 0, "output": 0}[role]
+    if len(shape) == (2 if role == "bias" else 3):
+        return axis if shape[axis] == heads else None
+    if len(shape) == (1 if role == "bias" else 2):
+        return axis if shape[axis] == heads * head_dim else None
+    return None
+
+
 def _attention_group(layer):
-    heads = getattr(layer, "_num_heads", None)
+    """The head family of an attention layer, or None if its layout is not the standard one.
+
+    With grouped-query attention (H query heads sharing K key/value heads,
+    query head h reading key/value head h // (H / K)) a module is one
+    key/value head with its H / K query heads: the only split in which every
+    parameter of a head belongs to one module.
+    """
+    heads = _first_int(layer, _QUERY_HEAD_ATTRS)
+    kv_heads = _first_int(layer, _KV_HEAD_ATTRS) or heads
+    if heads is None or heads % kv_heads:
+        return None
+    query = getattr(getattr(layer, "_query_dense", None), "kernel", None)
+    if query is None:
+        return None
+    shape = tuple(query.shape)
+    head_dim = shape[2] if len(shape) == 3 else (shape[-1] // heads if shape[-1] % heads == 0 else 0)
     parts = [
-        ("_query_dense", 1, 0),
-        ("_key_dense", 1, 0),
-        ("_value_dense", 1, 0),
-        ("_output_dense", 0, None),
+        ("_query_dense", heads, False),
+        ("_gate_dense", heads, False),
+        ("_key_dense", kv_heads, False),
+        ("_value_dense", kv_heads, False),
+        ("_output_dense", heads, True),
     ]
     variables, axes = [], []
-    for attr, kernel_axis, bias_axis in parts:
+    for attr, count, output in parts:
         sub = getattr(layer, attr, None)
         if sub is None:
+            if attr == "_gate_dense":
+                continue
             return None
         kernel = getattr(sub, "kernel", None)
-        if kernel is None or not kernel.trainable:
-            continue
-        if kernel.shape[kernel_axis] != heads:
-            # Not the standard (d, H, d_head) / (H, d_head, d) layout: let the
-            # sub-layers fall back to whole-layer modules instead of guessing.
+        if kernel is None:
             return None
-        variables.append(kernel)
-        axes.append(kernel_axis)
+        candidates = [(kernel, "output" if output else "kernel")]
         bias = getattr(sub, "bias", None)
-        if bias_axis is not None and bias is not None and bias.trainable:
-            if bias.shape[bias_axis] != heads:
+        if not output and bias is not None:
+            # (The output bias is shared by all heads: it is in no module.)
+            candidates.append((bias, "bias"))
+        for v, role in candidates:
+            axis = _head_axis(tuple(v.shape), count, head_dim, role)
+            if axis is None:
+                # Not a standard layout: leave the projections to `dense=True`.
                 return None
-            variables.append(bias)
-            axes.append(bias_axis)
+            if v.trainable:
+                variables.append(v)
+                axes.append(axis)
     if not variables:
         return None
-    return ModuleGroup(f"{_layer_name(layer)}/heads", variables, axes, heads, kind="head")
+    return ModuleGroup(f"{_layer_name(layer)}/heads", variables, axes, kv_heads, kind="head")
 
 
 def _conv_group(layer, conv_modules):
@@ -528,7 +584,7 @@ def discover_groups(
         if skipped(layer):
             claimed.update(_var_key(v) for v in layer.trainable_variables)
             continue
-        if isinstance(layer, keras.layers.MultiHeadAttention):
+        if _is_attention(layer):
             g = _attention_group(layer) if "head" in include else None
             if g is not None:
                 claim(g)
@@ -781,3 +837,44 @@ def groups_from_variables(variables: Sequence):
             seen.add(id(g))
             out.append(g)
     return out
+
+
+def annotate_variables(groups):
+    """Declares module families on bare variables, for training without a model.
+
+    A custom training loop over `keras.Variable`s (no `keras.Model`) declares
+    its families here; `keras_mat.wrap(...)` then finds them from the
+    variables it is built with, exactly as after `annotate(model)`.
+
+    Args:
+        groups: A `ModuleGroup` or a list of them (non-overlapping, unique
+            names).
+
+    Returns:
+        The list of groups.
+
+    Raises:
+        TypeError: if an entry is not a `ModuleGroup`.
+        ValueError: if two groups share a variable or a name.
+
+    Example:
+
+    >>> w = keras.Variable(np.zeros((4, 6), "float32"), name="w")
+    >>> _ = annotate_variables([ModuleGroup("w/heads", [w], axes=1, num_modules=3, kind="head")])
+    >>> group_of(w)[0].name
+    'w/heads'
+    """
+    if isinstance(groups, ModuleGroup):
+        groups = [groups]
+    if isinstance(groups, (str, bytes)) or not isinstance(groups, Iterable):
+        raise TypeError(f"`groups` must be a ModuleGroup or a list of them. Received: groups={groups!r}")
+    groups = list(groups)
+    for g in groups:
+        if not isinstance(g, ModuleGroup):
+            raise TypeError(f"Every entry of `groups` must be a ModuleGroup. Received: groups entry={g!r}")
+    _check_no_overlap(groups)
+    for g in groups:
+        for v, axis in zip(g.variables, g.axes):
+            setattr(v, _GROUP_ATTR, g)
+            setattr(v, _AXIS_ATTR, axis)
+    return groups

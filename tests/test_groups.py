@@ -332,13 +332,104 @@ def test_reannotating_families_in_use_warns():
         mark_in_use([3], _Owner())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ModularAdaptiveOptimizer.build does not call keras_mat.groups.mark_in_use(families, self) yet",
-)
 def test_reannotating_after_the_optimizer_is_built_warns():
     m = keras_mat.annotate(models.mha())
     opt = keras_mat.wrap(keras.optimizers.SGD(0.1))
     opt.build(m.trainable_variables)
-    with pytest.warns(UserWarning, match="keeps masking"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        keras_mat.annotate(m)  # the same families: nothing changes
+    with pytest.warns(UserWarning, match=r"keeps masking.*new families=\['mha/heads', 'head'\]"):
         keras_mat.annotate(m, dense=True)
+    assert [g.name for g in opt.families] == ["mha/heads"]  # what the warning says
+
+
+def _attention_model(layer, seq=5, dim=8):
+    inp = keras.Input((seq, dim))
+    return keras.Model(inp, layer(inp, inp), name="att_model")
+
+
+def _head_contributions_add_up(model, group, x):
+    """Zeroing one module's slices removes exactly that module's part of the output.
+
+    An attention layer's output is its output bias plus one term per head, so
+    the modules partition the heads correctly iff the parts removed by zeroing
+    each module in turn add up to the part removed by zeroing all of them.
+    """
+    from keras_mat.reference import module_selector
+
+    originals = [np.array(keras.ops.convert_to_numpy(v.value)) for v in group.variables]
+
+    def output(zeroed):
+        for v, axis, value in zip(group.variables, group.axes, originals):
+            keep = np.ones(value.shape, bool)
+            for m in zeroed:
+                keep &= ~module_selector(value.shape, axis, group.num_modules, m)
+            v.assign(value * keep)
+        out = np.asarray(keras.ops.convert_to_numpy(model(x)), np.float64)
+        for v, value in zip(group.variables, originals):
+            v.assign(value)
+        return out
+
+    full = output([])
+    parts = [full - output([m]) for m in range(group.num_modules)]
+    everything = full - output(range(group.num_modules))
+    assert all(np.abs(p).max() > 1e-6 for p in parts)  # every module contributes
+    np.testing.assert_allclose(sum(parts), everything, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mha", "gqa", "gqa_as_mha"])
+def test_attention_head_modules_partition_the_heads(kind):
+    if kind == "mha":
+        layer = keras.layers.MultiHeadAttention(4, 3, name="att")
+        modules = 4
+    else:
+        # Grouped-query attention: 4 query heads over 2 (or 4) key/value heads.
+        kv = 2 if kind == "gqa" else 4
+        layer = keras.layers.GroupQueryAttention(3, 4, kv, name="att")
+        modules = kv
+    m = models.set_weights_deterministic(_attention_model(layer))
+    names = _names(keras_mat.annotate(m))
+    assert set(names) == {"att/heads"}
+    g = names["att/heads"]
+    assert g.kind == "head" and g.num_modules == modules
+    paths = {v.path.split("/", 1)[1] for v in g.variables}
+    assert {"query/kernel", "key/kernel", "value/kernel", "attention_output/kernel"} <= paths
+    assert "attention_output/bias" not in paths  # shared by all heads
+    _head_contributions_add_up(m, g, models.probe_batch(m, 2))
+
+
+def test_grouped_query_attention_lambda_matches_reference():
+    from keras_mat.reference import reference_lambda_max
+
+    m = models.set_weights_deterministic(
+        _attention_model(keras.layers.GroupQueryAttention(3, 4, 2, name="att"))
+    )
+    keras_mat.annotate(m)
+    x = models.probe_batch(m, 3)
+    fast = keras_mat.module_lambda_max(m, x, ntk_output="sum")
+    ref = reference_lambda_max(m, x, ntk_output="sum")
+    assert fast["att/heads"].shape == (2,)
+    np.testing.assert_allclose(fast["att/heads"], ref["att/heads"], rtol=1e-3)
+
+
+def test_unknown_attention_layout_is_left_to_dense():
+    class OddAttention(keras.layers.Layer):
+        """Has the projection attributes but a fused (d, 3 * d) query kernel."""
+
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.num_heads = 2
+            self._query_dense = keras.layers.Dense(12, name="query")
+            self._key_dense = keras.layers.Dense(4, name="key")
+            self._value_dense = keras.layers.Dense(4, name="value")
+            self._output_dense = keras.layers.Dense(8, name="out")
+
+        def call(self, x):
+            q = self._query_dense(x)[..., :4]
+            return self._output_dense(q * self._key_dense(x) + self._value_dense(x))
+
+    inp = keras.Input((5, 8))
+    m = keras.Model(inp, OddAttention(name="odd")(inp))
+    assert keras_mat.get_groups(keras_mat.annotate(m)) == ()
+    assert {g.kind for g in keras_mat.get_groups(keras_mat.annotate(m, dense=True))} == {"layer"}
