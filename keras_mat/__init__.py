@@ -3,7 +3,7 @@
 from keras_mat import baselines, callbacks, flops, policy
 from keras_mat.baselines import Multirate, RandomModules
 from keras_mat.callbacks import plot_lambda
-from keras_mat.groups import ModuleGroup, annotate, discover_groups, get_groups
+from keras_mat.groups import ModuleGroup, annotate, annotate_variables, discover_groups, get_groups
 from keras_mat.ntk import module_lambda_max
 from keras_mat.optimizer import ModularAdaptiveOptimizer, wrap
 from keras_mat.training import MATCallback, measure, sync_trainable, take_probe_set
@@ -17,6 +17,7 @@ __all__ = [
     "ModuleGroup",
     "__version__",
     "annotate",
+    "annotate_variables",
     "baselines",
     "callbacks",
     "discover_groups",

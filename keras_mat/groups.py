@@ -636,6 +636,19 @@ def _check_no_overlap(groups):
         raise ValueError(f"Module family names must be unique. Received: duplicate names={dupes}")
 
 
+def _group_list(groups):
+    """`groups` (one ModuleGroup or an iterable of them) as a list, or a TypeError naming it."""
+    if isinstance(groups, ModuleGroup):
+        groups = [groups]
+    if isinstance(groups, (str, bytes)) or not isinstance(groups, Iterable):
+        raise TypeError(f"`groups` must be a ModuleGroup or a list of them. Received: groups={groups!r}")
+    groups = list(groups)
+    for g in groups:
+        if not isinstance(g, ModuleGroup):
+            raise TypeError(f"Every entry of `groups` must be a ModuleGroup. Received: groups entry={g!r}")
+    return groups
+
+
 def mark_in_use(groups, owner):
     """Records that `owner` was built with the module families `groups`.
 
@@ -652,14 +665,7 @@ def mark_in_use(groups, owner):
     Raises:
         TypeError: if an entry of `groups` is not a `ModuleGroup`.
     """
-    if isinstance(groups, ModuleGroup):
-        groups = [groups]
-    if isinstance(groups, (str, bytes)) or not isinstance(groups, Iterable):
-        raise TypeError(f"`groups` must be a ModuleGroup or a list of them. Received: groups={groups!r}")
-    groups = list(groups)
-    for g in groups:
-        if not isinstance(g, ModuleGroup):
-            raise TypeError(f"Every entry of `groups` must be a ModuleGroup. Received: groups entry={g!r}")
+    groups = _group_list(groups)
     try:
         ref = weakref.ref(owner)
     except TypeError:
@@ -864,14 +870,7 @@ def annotate_variables(groups):
     >>> group_of(w)[0].name
     'w/heads'
     """
-    if isinstance(groups, ModuleGroup):
-        groups = [groups]
-    if isinstance(groups, (str, bytes)) or not isinstance(groups, Iterable):
-        raise TypeError(f"`groups` must be a ModuleGroup or a list of them. Received: groups={groups!r}")
-    groups = list(groups)
-    for g in groups:
-        if not isinstance(g, ModuleGroup):
-            raise TypeError(f"Every entry of `groups` must be a ModuleGroup. Received: groups entry={g!r}")
+    groups = _group_list(groups)
     _check_no_overlap(groups)
     for g in groups:
         for v, axis in zip(g.variables, g.axes):

@@ -362,7 +362,7 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
             return
         var_list = list(var_list)
         families = self._resolve_families(var_list)
-        if not families:
+        if not families and var_list:
             raise ValueError(
                 "ModularAdaptiveOptimizer found no module family among the variables it "
                 "optimizes: call `keras_mat.annotate(model)` before the first training step "
@@ -373,6 +373,7 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         # Adafactor) rely on attribute tracking to register their variables.
         slot_owner = self._build_inner(var_list)
         self._mat_build(var_list, families, slot_owner)
+        groups_lib.mark_in_use(families, self)
         super().build(var_list)
 
     @no_automatic_dependency_tracking
@@ -902,6 +903,20 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
 
     def scale_loss(self, loss):
         return self.inner_optimizer.scale_loss(loss)
+
+    def _clip_gradients(self, grads):
+        # Clipping is configured on (and applied by) the inner optimizer.
+        return self.inner_optimizer._clip_gradients(grads)
+
+    def __getattr__(self, name):
+        # Reached only for attributes the wrapper does not have: the inner
+        # optimizer's own state (e.g. its EMA copies) reads through.
+        if name.startswith("__") or name in ("inner_optimizer", "_tracker"):
+            raise AttributeError(name)
+        inner = self.__dict__.get("inner_optimizer")
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
 
     def finalize_variable_values(self, var_list):
         self.inner_optimizer.finalize_variable_values(var_list)
