@@ -1,10 +1,13 @@
 """lambda_max of every module's modular NTK (mat-spec sections 1-2).
 
-Gram method (default): per-sample Jacobians of the scalarized outputs for the
-probed variables in one vectorized pass (the backend kernel), then, per
-family, G_l = J_l J_l^T by contracting every axis but the module axis, summed
-over the family's variables, then one batched symmetric eigensolve. Only the
-per-sample Jacobian is backend specific; the rest is `keras.ops`.
+Gram method (default): per-sample Jacobian rows of the scalarized outputs for
+the probed variables, then, per family, G_l = J_l J_l^T by contracting every
+axis but the module axis, summed over the family's variables, then the top
+eigenvalue of every Gram in float64. The rows come from two routes in one
+probe (see `Probe`): the layer-factored route of `ntk_layers.py` for Dense,
+EinsumDense and convolution nodes of a Functional graph, and a vectorized
+per-sample `jacrev` (the backend kernel) for everything else. Only the
+differentiation is backend specific; the rest is `keras.ops`.
 
 Matrix-free method (`method="lanczos"`): Lanczos with full
 re-orthogonalisation and a breakdown guard on u -> J_l (J_l^T u), built from
@@ -18,6 +21,7 @@ import keras
 import numpy as np
 from keras import ops, tree
 
+from keras_mat import _keras_private as kp
 from keras_mat import backends
 from keras_mat.groups import ModuleGroup, discover_groups, get_groups
 from keras_mat.policy import expand_mask
@@ -101,8 +105,9 @@ def resolve_groups(model, groups=None):
             raise ValueError(f"`groups` entries must be ModuleGroup. Received: groups entry={g!r}")
     if not groups:
         raise ValueError(
-            f"Model {model.name!r} has no module to probe: no attention, conv, expert or "
-            "Dense layer was found and no ModuleGroup was given. Received: groups=[]"
+            f"Model {model.name!r} has no module to probe: no attention, conv or expert layer "
+            "was found (Dense layers are modules with `annotate(model, dense=True)`) and no "
+            "ModuleGroup was given. Received: groups=[]"
         )
     # Membership, not `variable.trainable`: a variable whose every module is
     # switched off may be made non-trainable while it is off.
@@ -135,13 +140,6 @@ def _resolve_loss(model, loss):
     return call
 
 
-def stateless_forward(model, trainable_values, non_trainable_values, x):
-    """Inference-mode `stateless_call`; `training=False` only if `call` takes it
-    (subclassed models may not), as Keras's own trainers do."""
-    kwargs = {"training": False} if getattr(model, "_call_has_training_arg", True) else {}
-    return model.stateless_call(trainable_values, non_trainable_values, x, **kwargs)
-
-
 # --------------------------------------------------------------------------------------
 # Scalarization: one row per (sample, output)
 # --------------------------------------------------------------------------------------
@@ -168,11 +166,31 @@ def scalarize(outputs, y, mode, loss_call=None):
             total = total + o
         return ops.reshape(total, (-1, 1))
     if mode == "loss":
-        values = loss_call(y, outputs)
-        if len(values.shape) > 1:
-            values = ops.mean(values, axis=tuple(range(1, len(values.shape))))
-        return ops.reshape(values, (-1, 1))
+        # One loss on several outputs: the sum of the per-output losses, each
+        # against its own target (as Keras applies one loss to every output).
+        targets = [y] if len(leaves) == 1 else tree.flatten(y)
+        total = 0
+        for target, o in zip(targets, leaves):
+            values = loss_call(target, o)
+            if len(values.shape) > 1:
+                values = ops.mean(values, axis=tuple(range(1, len(values.shape))))
+            total = total + values
+        return ops.reshape(total, (-1, 1))
     raise ValueError(f"Unknown ntk_output. Received: ntk_output={mode!r}")
+
+
+def _check_loss_targets(model, x, y):
+    """A model with several outputs and one loss needs one target per output."""
+    first = tree.map_structure(lambda t: t[:1], x)
+    kwargs = {"training": False} if getattr(model, "_call_has_training_arg", True) else {}
+    outputs = len(tree.flatten(model(first, **kwargs)))
+    targets = len(tree.flatten(y))
+    if outputs > 1 and targets != outputs:
+        raise ValueError(
+            f"ntk_output='loss' applies the one loss to each of the {outputs} outputs of model "
+            f"{model.name!r}, so `y` must hold one target per output (a list or dict like the "
+            f"outputs), or use ntk_output='sum' or 'logits'. Received: y with {targets} array(s)"
+        )
 
 
 def output_size(model, x):
@@ -213,30 +231,6 @@ def module_gram(jac, axis, num_modules):
         flat = ops.reshape(ops.moveaxis(jac, axis + 1, 1), (rows, num_modules, -1))
     flat = backends.get().gram_operand(flat)
     return ops.einsum("rgp,sgp->grs", flat, flat)
-
-
-def top_eigenvalues(grams):
-    """Largest eigenvalue of each symmetric PSD matrix in a `(G, m, m)` stack
-    (traceable; the eager probe uses `top_eigenvalues_numpy`).
-
-    Each matrix is scaled by its largest absolute entry before the solve, and
-    the solve runs in float64 where the backend has it (not JAX without x64):
-    float32 `eigh` failed to converge on tiny rank-deficient conv Grams
-    (torch, |G| ~ 6e-3, rank 20 of 80).
-    """
-    dtype = grams.dtype
-    grams = 0.5 * (grams + ops.transpose(grams, (0, 2, 1)))
-    # Non-finite Grams (overflowed model) are solved as zeros and reported
-    # as NaN: some eigensolvers raise on NaN input instead of returning NaN.
-    finite = ops.all(ops.isfinite(grams), axis=(1, 2))
-    grams = ops.where(ops.reshape(finite, (-1, 1, 1)), grams, ops.zeros_like(grams))
-    scale = ops.max(ops.abs(grams), axis=(1, 2), keepdims=True)
-    scale = ops.where(scale > 0, scale, ops.ones_like(scale))
-    normed = grams / scale
-    if backends.name() != "jax":
-        normed = ops.cast(normed, "float64")
-    top = ops.cast(backends.get().eigenvalues(normed)[:, -1], dtype) * ops.reshape(scale, (-1,))
-    return ops.where(finite, top, ops.full_like(top, float("nan")))
 
 
 #: Matrices up to this size are solved densely by `top_eigenvalues_numpy`.
@@ -357,12 +351,7 @@ def _forward(model, x):
 
 
 def _has_conv(model):
-    from keras.src.layers.convolutional.base_conv import BaseConv
-    from keras.src.layers.convolutional.base_conv_transpose import BaseConvTranspose
-    from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
-    from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv
-
-    kinds = (BaseConv, BaseConvTranspose, BaseDepthwiseConv, BaseSeparableConv)
+    kinds = (kp.BaseConv, kp.BaseConvTranspose, kp.BaseDepthwiseConv, kp.BaseSeparableConv)
     return any(
         isinstance(layer, kinds) for layer in model._flatten_layers(include_self=False, recursive=True)
     )
@@ -591,23 +580,6 @@ class Probe:
         starts = np.cumsum([0] + sizes)
         return [ops.convert_to_tensor(top[a:b].astype(np.float32)) for a, b in zip(starts[:-1], starts[1:])]
 
-    def from_values(self, trainable_values, non_trainable_values, x, y=None):
-        """Pure measurement (traceable): the values are given in the order of
-        `model.trainable_variables` and `model.non_trainable_variables` now;
-        list of `(G,)` lambda_max, one per family."""
-        given = {}
-        for v, val in zip(self.model.trainable_variables, trainable_values):
-            given[id(v)] = val
-        for v, val in zip(self.model.non_trainable_variables, non_trainable_values):
-            given[id(v)] = val
-        kernel = backends.get()
-        values = [given[id(v)] if id(v) in given else kernel.snapshot(v) for v in self.variables]
-        grams = self._grams(values, x, y, compiled=False)
-        sizes = [int(g.shape[0]) for g in grams]
-        top = top_eigenvalues(grams[0] if len(grams) == 1 else ops.concatenate(grams, axis=0))
-        starts = np.cumsum([0] + sizes)
-        return [top[a:b] for a, b in zip(starts[:-1], starts[1:])]
-
 
 #: Probes kept per model (least recently used dropped first).
 PROBE_CACHE_SIZE = 8
@@ -677,7 +649,8 @@ def lanczos_top_eigenvalue(matvec, dim, steps=20, seed=0):
         seed: Seed of the start vector.
 
     Returns:
-        The largest Ritz value, a float.
+        The largest Ritz value, a float (NaN when the operator gives a
+        non-finite product).
     """
     rng = np.random.default_rng(seed)
     v = rng.standard_normal(dim)
@@ -685,6 +658,8 @@ def lanczos_top_eigenvalue(matvec, dim, steps=20, seed=0):
     basis, alphas, betas = [v], [], []
     for _ in range(min(steps, dim)):
         w = matvec(basis[-1])
+        if not np.all(np.isfinite(w)):
+            return float("nan")  # reported by the caller as a non-finite lambda_max
         a = float(basis[-1] @ w)
         alphas.append(a)
         Q = np.stack(basis)
@@ -706,22 +681,22 @@ def _lanczos(model, groups, x, y, mode, loss_call, steps):
     n = _batch_size(x)
     x = tree.map_structure(ops.convert_to_tensor, x)
     y = ops.zeros((n,), dtype="float32") if y is None else tree.map_structure(ops.convert_to_tensor, y)
-    trainable_vars = model.trainable_variables
-    index = {id(v): i for i, v in enumerate(trainable_vars)}
-    trainable = [ops.convert_to_tensor(v.value) for v in trainable_vars]
-    non_trainable = [ops.convert_to_tensor(v.value) for v in model.non_trainable_variables]
+    variables = _unique_variables(model)
+    index = {id(v): i for i, v in enumerate(variables)}
+    values = [kernel.snapshot(v) for v in variables]
     results = []
     for g in groups:
         pos = [index[id(v)] for v in g.variables]
 
-        def fn(vals, pos=pos, trainable=trainable, non_trainable=non_trainable):
-            values = list(trainable)
+        def fn(vals, pos=pos):
+            full = list(values)
             for p, val in zip(pos, vals):
-                values[p] = val
-            out, _ = stateless_forward(model, values, non_trainable, x)
+                full[p] = val
+            with keras.StatelessScope(state_mapping=list(zip(variables, full))):
+                out = _forward(model, x)
             return ops.reshape(scalarize(out, y, mode, loss_call), (-1,))
 
-        vals = [trainable[p] for p in pos]
+        vals = [values[p] for p in pos]
         out, pullback = kernel.vjp(fn, vals)
         dim = int(out.shape[0])
         dtype = out.dtype
@@ -803,18 +778,10 @@ def module_lambda_max(
     >>> [v.shape for v in lam.values()]
     [(1,)]
     """
-    _check_option("ntk_output", ntk_output, NTK_OUTPUTS)
     _check_option("method", method, METHODS)
     if not isinstance(lanczos_steps, int) or lanczos_steps < 1:
         raise ValueError(f"`lanczos_steps` must be a positive int. Received: lanczos_steps={lanczos_steps!r}")
-    if not model.built:
-        raise ValueError(f"module_lambda_max needs a built model. Received: model={model.name!r} (not built)")
-    _batch_size(x)
-    _check_input_shapes(model, x)
-    groups = resolve_groups(model, groups)
-    mode = resolve_ntk_output(model, x, ntk_output)
-    if mode == "loss" and y is None:
-        raise ValueError("ntk_output='loss' needs targets `y`. Received: y=None")
+    groups, mode = _prepare(model, x, y, groups, ntk_output, "module_lambda_max")
     if method == "lanczos":
         loss_call = _resolve_loss(model, loss) if mode == "loss" else None
         lams = _lanczos(model, groups, x, y, mode, loss_call, lanczos_steps)
@@ -824,10 +791,98 @@ def module_lambda_max(
     out = {}
     for g, lam in zip(groups, lams):
         arr = np.asarray(ops.convert_to_numpy(lam), dtype=np.float64)
-        if not np.all(np.isfinite(arr)):
-            raise ValueError(
-                f"Non-finite lambda_max for module family {g.name!r} (the model's outputs or "
-                f"gradients overflowed on this probe batch). Received: lambda_max={arr.tolist()}"
-            )
+        _check_finite(g, arr, "lambda_max")
         out[g.name] = np.maximum(arr, 0.0)
+    return out
+
+
+def _prepare(model, x, y, groups, ntk_output, caller):
+    _check_option("ntk_output", ntk_output, NTK_OUTPUTS)
+    if not model.built:
+        raise ValueError(f"{caller} needs a built model. Received: model={model.name!r} (not built)")
+    _batch_size(x)
+    _check_input_shapes(model, x)
+    groups = resolve_groups(model, groups)
+    mode = resolve_ntk_output(model, x, ntk_output)
+    if mode == "loss":
+        if y is None:
+            raise ValueError("ntk_output='loss' needs targets `y`. Received: y=None")
+        _check_loss_targets(model, x, y)
+    return groups, mode
+
+
+def _check_finite(group, values, what):
+    if not np.all(np.isfinite(values)):
+        raise ValueError(
+            f"Non-finite {what} for module family {group.name!r} (the model's outputs or "
+            f"gradients overflowed on this probe batch). Received: {what}={np.asarray(values).tolist()}"
+        )
+
+
+def effective_rank(eigenvalues):
+    """Participation ratio `(sum l)^2 / sum l^2` of non-negative eigenvalues
+    along the last axis: between 1 (one direction) and the number of nonzero
+    eigenvalues (all equal); 0 for an all-zero spectrum."""
+    lam = np.maximum(np.asarray(eigenvalues, dtype=np.float64), 0.0)
+    total = lam.sum(axis=-1)
+    squares = (lam**2).sum(axis=-1)
+    return np.where(squares > 0, total**2 / np.where(squares > 0, squares, 1.0), 0.0)
+
+
+def module_spectrum(
+    model, x, y=None, ntk_output="auto", groups=None, top_k=None, loss=None, max_probe_bytes=None
+):
+    """Eigenvalues and effective rank of every module's modular NTK.
+
+    The same Gram matrices as `module_lambda_max` (same probe, same
+    `ntk_output` rows), solved in full in float64.
+
+    Args:
+        model: A built Keras model.
+        x: The probe batch.
+        y: Targets, needed only for `ntk_output="loss"`.
+        ntk_output: `"logits"`, `"sum"`, `"loss"` or `"auto"` (see
+            `module_lambda_max`).
+        groups: Module families; default: those of `keras_mat.annotate`,
+            else discovered automatically.
+        top_k: Keep the `top_k` largest eigenvalues of each module, or
+            `None` for all (n * rows per sample).
+        loss: The loss for `ntk_output="loss"` (default: the compiled loss).
+        max_probe_bytes: See `module_lambda_max`.
+
+    Returns:
+        A dict `family name -> {"eigenvalues": array (num_modules, k),
+        "effective_rank": array (num_modules,)}`. Eigenvalues are in
+        descending order, clipped at 0. The effective rank is the
+        participation ratio `(sum_i l_i)^2 / sum_i l_i^2` over the full
+        spectrum (before `top_k`): 1 when one direction carries all of the
+        kernel, m when m eigenvalues are equal, 0 for a module with a zero
+        kernel.
+
+    Raises:
+        ValueError: as `module_lambda_max`, and on a `top_k` that is not a
+            positive int.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    >>> spec = module_spectrum(model, np.ones((8, 4), "float32"), top_k=2)
+    >>> [s["eigenvalues"].shape for s in spec.values()]
+    [(1, 2)]
+    """
+    if top_k is not None and (
+        isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1
+    ):
+        raise ValueError(f"`top_k` must be None or a positive int. Received: top_k={top_k!r}")
+    groups, mode = _prepare(model, x, y, groups, ntk_output, "module_spectrum")
+    probe = get_probe(model, groups, mode, loss=loss, max_probe_bytes=max_probe_bytes, x=x)
+    out = {}
+    for g, gram in zip(groups, probe.grams(x, y)):
+        gram = np.asarray(ops.convert_to_numpy(gram), dtype=np.float64)
+        _check_finite(g, gram, "modular NTK")
+        lam = np.maximum(_eigvalsh64(0.5 * (gram + np.swapaxes(gram, 1, 2)))[:, ::-1], 0.0)
+        out[g.name] = {
+            "eigenvalues": lam if top_k is None else lam[:, : int(top_k)],
+            "effective_rank": effective_rank(lam),
+        }
     return out

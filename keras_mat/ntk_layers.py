@@ -33,17 +33,24 @@ import string
 import keras
 from keras import ops
 
+from keras_mat import _keras_private as kp
+
 # --------------------------------------------------------------------------------------
 # Which layers are evaluated here
 # --------------------------------------------------------------------------------------
 
 
-def _classes():
-    from keras.src.layers.convolutional.base_conv import BaseConv
-    from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
-    from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv
+def _graph_internals():
+    # The Functional graph interpreter and what Keras's own `Functional.call`
+    # hands it (no public equivalent in Keras 3): the Functional and
+    # Sequential classes (whose `call` must be Keras's own for the graph to be
+    # the computation), the per-operation call wrapper that passes
+    # `training`, and the mask propagation a Layer.__call__ would do.
+    from keras.src.backend.common.masking import get_keras_mask, set_keras_mask
+    from keras.src.models.functional import Functional, operation_fn
+    from keras.src.models.sequential import Sequential
 
-    return BaseConv, BaseDepthwiseConv, BaseSeparableConv
+    return Functional, Sequential, operation_fn, get_keras_mask, set_keras_mask
 
 
 def layer_kind(layer):
@@ -54,7 +61,7 @@ def layer_kind(layer):
     same compute and variable dtype: no autocast), without LoRA or
     quantization.
     """
-    BaseConv, BaseDepthwiseConv, BaseSeparableConv = _classes()
+    BaseConv, BaseDepthwiseConv, BaseSeparableConv = kp.BaseConv, kp.BaseDepthwiseConv, kp.BaseSeparableConv
     if not isinstance(layer, keras.layers.Layer):
         return None
     if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None) is not None:
@@ -138,9 +145,7 @@ def _einsum_grad_equation(layer):
 
 def _functional_of(layer):
     """The Functional graph to enter for `layer`, or None (called whole)."""
-    from keras.src.models.functional import Functional
-    from keras.src.models.sequential import Sequential
-
+    Functional, Sequential = _graph_internals()[:2]
     if isinstance(layer, Sequential):
         if type(layer).call is Sequential.call and getattr(layer, "_functional", None) is not None:
             return layer._functional
@@ -226,8 +231,7 @@ class GraphPlan:
         return self._run(self.root, x, hook, captures)
 
     def _run(self, functional, x, hook, captures):
-        from keras.src.models.functional import operation_fn
-
+        operation_fn = _graph_internals()[2]
         inputs = functional._standardize_inputs(x)
 
         def op_fn(op):
@@ -243,8 +247,7 @@ class GraphPlan:
         return outputs[0] if isinstance(outputs, (list, tuple)) and len(outputs) == 1 else outputs
 
     def _apply(self, key, a, hook, captures):
-        from keras.src.backend.common.masking import get_keras_mask, set_keras_mask
-
+        get_keras_mask, set_keras_mask = _graph_internals()[3:]
         layer, kind, roles = self.layers[key]
         mask = get_keras_mask(a) if hasattr(a, "shape") else None
         a = ops.convert_to_tensor(a)

@@ -7,11 +7,12 @@ masks; Theta_l = J_l J_l^T is formed in float64 and handed to
 `numpy.linalg.eigh`.
 """
 
+import keras
 import numpy as np
 from keras import ops, tree
 
 from keras_mat import backends
-from keras_mat.ntk import resolve_groups, stateless_forward
+from keras_mat.ntk import _forward, _unique_variables, resolve_groups
 
 
 def _rows_of_sample(out, yi, mode, loss):
@@ -29,7 +30,12 @@ def _rows_of_sample(out, yi, mode, loss):
             total = total + o
         return ops.reshape(total, (1,))
     if mode == "loss":
-        return ops.reshape(ops.mean(loss(yi, out)), (1,))
+        # One loss on every output (each with its own target), summed.
+        targets = [yi] if len(leaves) == 1 else tree.flatten(yi)
+        total = 0.0
+        for target, o in zip(targets, leaves):
+            total = total + ops.mean(loss(target, o))
+        return ops.reshape(total, (1,))
     raise ValueError(f"Unknown ntk_output. Received: ntk_output={mode!r}")
 
 
@@ -58,12 +64,11 @@ def full_jacobian(model, x, groups, ntk_output, y=None, loss=None):
         from keras_mat.ntk import _resolve_loss
 
         loss = _resolve_loss(model, loss)
-    trainable_vars = list(model.trainable_variables)
-    index = {id(v): i for i, v in enumerate(trainable_vars)}
+    every = _unique_variables(model)
+    index = {id(v): i for i, v in enumerate(every)}
     variables = [v for g in groups for v in g.variables]
     pos = [index[id(v)] for v in variables]
-    trainable = [ops.convert_to_tensor(v.value) for v in trainable_vars]
-    non_trainable = [ops.convert_to_tensor(v.value) for v in model.non_trainable_variables]
+    current = [kernel.snapshot(v) for v in every]
     n = tree.flatten(x)[0].shape[0]
     rows = {id(v): [] for v in variables}
     for i in range(n):
@@ -71,15 +76,16 @@ def full_jacobian(model, x, groups, ntk_output, y=None, loss=None):
         yi = None if y is None else tree.map_structure(lambda t, i=i: ops.convert_to_tensor(t[i : i + 1]), y)
 
         def outputs(vals, xi=xi, yi=yi):
-            values = list(trainable)
+            values = list(current)
             for p, val in zip(pos, vals):
                 values[p] = val
-            out, _ = stateless_forward(model, values, non_trainable, xi)
+            with keras.StatelessScope(state_mapping=list(zip(every, values))):
+                out = _forward(model, xi)
             return _rows_of_sample(out, yi, ntk_output, loss)
 
-        k = int(kernel.to_numpy(outputs([trainable[p] for p in pos])).shape[0])
+        k = int(kernel.to_numpy(outputs([current[p] for p in pos])).shape[0])
         for j in range(k):
-            grads = kernel.scalar_grad(lambda vals, j=j: outputs(vals)[j], [trainable[p] for p in pos])
+            grads = kernel.scalar_grad(lambda vals, j=j: outputs(vals)[j], [current[p] for p in pos])
             for v, g in zip(variables, grads):
                 rows[id(v)].append(np.asarray(kernel.to_numpy(g), dtype=np.float64).reshape(-1))
     return {id(v): np.stack(rows[id(v)]) for v in variables}, variables
