@@ -14,7 +14,7 @@ DEMO_BACKEND ?= jax
 DATA_DIR ?=
 DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
-.PHONY: install install-demo demo compare test lint format clean
+.PHONY: install install-demo demo compare docs test lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ demo: $(BIN)/.installed-demo
 compare: $(BIN)/.installed-all
 	KERAS_BACKEND=$${KERAS_BACKEND:-$(DEMO_BACKEND)} $(BIN)/python examples/bert_wikitext2.py --preset demo $(DATA_FLAG) --out-dir results/compare/bert
 	KERAS_BACKEND=$${KERAS_BACKEND:-$(DEMO_BACKEND)} $(BIN)/python examples/vgg_cifar10.py --preset demo $(DATA_FLAG) --out-dir results/compare/vgg
+
+# docs/api.md from the docstrings of keras_mat's public names.
+docs: $(BIN)/.installed-demo
+	$(BIN)/python docs/make_api.py
 
 # The suite runs once per Keras backend; every backend runs even if one fails.
 test: $(BIN)/.installed-all
