@@ -197,6 +197,16 @@ RAISES = [
     _case("get_groups-int", lambda: keras_mat.get_groups(3), TypeError, "model=3"),
     _case("get_groups-None", lambda: keras_mat.get_groups(None), TypeError, "model=None"),
     _case("mark_in_use-str", lambda: mark_in_use("g", object()), TypeError, "groups='g'"),
+    _case("annotate_variables-str", lambda: keras_mat.annotate_variables("g"), TypeError, "groups='g'"),
+    _case("annotate_variables-entry", lambda: keras_mat.annotate_variables([3]), TypeError, "groups entry=3"),
+    _case(
+        "annotate_variables-overlap",
+        lambda: keras_mat.annotate_variables(
+            [keras_mat.ModuleGroup("a", [_kernel()], 1, 5), keras_mat.ModuleGroup("b", [_kernel()], 0, 4)]
+        ),
+        ValueError,
+        "overlap",
+    ),
     # ---- ModuleGroup ----------------------------------------------------------------
     _case("group-name-None", lambda: keras_mat.ModuleGroup(None, [_kernel()]), ValueError, "name=None"),
     _case("group-name-empty", lambda: keras_mat.ModuleGroup("", [_kernel()]), ValueError, "name=''"),
@@ -416,7 +426,6 @@ RAISES = [
         lambda: _lam(x=np.full((4, 4, 8), NAN, "float32"), method="lanczos"),
         ValueError,
         "lambda_max",
-        _owner_xfail(PROBE, "Lanczos on a NaN probe batch raises numpy's LinAlgError"),
     ),
     _case("lambda-ntk_output-str", lambda: _lam(ntk_output="foo"), ValueError, "ntk_output='foo'"),
     _case(
@@ -525,16 +534,12 @@ RAISES = [
         lambda: policy.policy_update([np.ones(2, "float32")], policy.initial_state([2]), 2.0, 1e-3, [0]),
         ValueError,
         "alpha=2.0",
-        _owner_xfail(EXPERIMENTS, "policy_update accepts alpha=2.0 silently"),
     ),
     _case(
         "policy-modular-shapes",
         lambda: policy.modular_masks([np.ones(3, "float32")], [np.zeros(2, "float32")], 0.5, [0]),
         ValueError,
         "frozen",
-        _owner_xfail(
-            EXPERIMENTS, "lambda_max and frozen of different shapes fail inside the backend's broadcast"
-        ),
     ),
     # ---- plot_lambda ----------------------------------------------------------------
     _case("plot-source-int", lambda: keras_mat.plot_lambda(42), TypeError, "source"),
