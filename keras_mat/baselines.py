@@ -45,14 +45,14 @@ def _count(fraction, n):
     return int(min(n, math.floor(fraction * n + 0.5)))
 
 
-def _check_masks_args(schedule, step, families):
+def _check_masks_args(schedule, step, families, method="masks"):
     """`(step as int, [(name, n), ...])`, or a clear error naming the argument."""
-    name = type(schedule).__name__
+    name = f"{type(schedule).__name__}.{method}"
     if not _is_int(step) or step < 0:
-        raise ValueError(f"{name}.masks: `step` must be an int >= 0. Received: step={step!r}")
+        raise ValueError(f"{name}: `step` must be an int >= 0. Received: step={step!r}")
     if isinstance(families, (str, bytes)) or not isinstance(families, (list, tuple)):
         raise TypeError(
-            f"{name}.masks: `families` must be a list of (family name, num_modules) pairs. "
+            f"{name}: `families` must be a list of (family name, num_modules) pairs. "
             f"Received: families={families!r}"
         )
     out = []
@@ -65,7 +65,7 @@ def _check_masks_args(schedule, step, families):
             or entry[1] < 1
         ):
             raise ValueError(
-                f"{name}.masks: every entry of `families` must be a (name, num_modules >= 1) pair. "
+                f"{name}: every entry of `families` must be a (name, num_modules >= 1) pair. "
                 f"Received: families entry={entry!r}"
             )
         out.append((entry[0], int(entry[1])))
@@ -176,7 +176,11 @@ class RandomModules(MaskSchedule):
             raise ValueError(f"`every` must be an int >= 1. Received: every={every!r}")
         if not _is_int(seed):
             raise ValueError(f"`seed` must be an int. Received: seed={seed!r}")
-        self.fractions = fractions if not isinstance(fractions, np.ndarray) else fractions.tolist()
+        # Plain Python numbers: the config is what `get_config` and `repr` show.
+        if isinstance(self._fractions, dict):
+            self.fractions = {k: v[0] if _is_number(fractions[k]) else v for k, v in self._fractions.items()}
+        else:
+            self.fractions = self._fractions[0] if _is_number(fractions) else list(self._fractions)
         self.every = int(every)
         self.seed = int(seed)
 
@@ -213,10 +217,7 @@ class RandomModules(MaskSchedule):
         return out
 
     def get_config(self):
-        fractions = self.fractions
-        if isinstance(fractions, tuple):
-            fractions = list(fractions)
-        return {"fractions": fractions, "every": self.every, "seed": self.seed}
+        return {"fractions": self.fractions, "every": self.every, "seed": self.seed}
 
 
 @keras.saving.register_keras_serializable(package="keras_mat")
@@ -291,7 +292,8 @@ class Multirate(MaskSchedule):
 
     def fast_modules(self, families):
         """The fixed split: a list of boolean arrays, True for fast modules."""
-        key = tuple((str(name), int(n)) for name, n in families)
+        _, families = _check_masks_args(self, 0, families, "fast_modules")
+        key = tuple(families)
         cached = getattr(self, "_split", None)
         if cached is not None and cached[0] == key:
             return cached[1]

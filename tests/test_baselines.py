@@ -247,6 +247,27 @@ def test_bad_arguments_raise(make, match):
         make()
 
 
+def test_configs_hold_plain_python_numbers():
+    cases = [
+        (RandomModules(np.float32(0.5), every=np.int64(2), seed=np.int64(3)), 0.5),
+        (RandomModules(np.array([0.5, 0.25]), every=2), [0.5, 0.25]),
+        (RandomModules((1.0, np.float64(0.5)), every=2), [1.0, 0.5]),
+        (
+            RandomModules({"a": np.float32(0.5), "b": np.array([1.0, 0.0])}, every=2),
+            {"a": 0.5, "b": [1.0, 0.0]},
+        ),
+        (PaperRand(np.float32(0.25), every=np.int64(3)), 0.25),
+    ]
+    for schedule, fractions in cases:
+        config = schedule.get_config()
+        assert config.get("fractions", config.get("fraction")) == fractions
+        assert repr(schedule).count("np.") == 0 and "array" not in repr(schedule)
+        assert all(type(v) in (int, float, list, dict) for v in config.values())
+        assert type(schedule).from_config(config).get_config() == config
+    with pytest.raises(TypeError, match=r"Multirate.fast_modules: `families`.*families='ab'"):
+        Multirate().fast_modules("ab")
+
+
 def test_masks_families_must_be_a_list():
     for schedule in (RandomModules(0.5, every=2), Multirate(), PaperRand()):
         with pytest.raises(TypeError, match="families='ab'"):
