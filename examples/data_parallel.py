@@ -30,7 +30,6 @@ def parse_args(argv=None):
     p.add_argument("--devices", type=int, default=None, help="simulated devices (default: 4 on JAX, 2 on TF)")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=8, help="global batch size")
-    p.add_argument("--probe", choices=["fixed", "batch"], default="fixed")
     p.add_argument("--probe-samples", type=int, default=8)
     p.add_argument("--ntk-output", choices=["sum", "logits", "loss"], default="sum")
     p.add_argument("--no-model-parallel", dest="model_parallel", action="store_false")
@@ -107,14 +106,13 @@ def train(args, scope, strategy=None):
         rng = np.random.RandomState(0)  # the same weights on every backend and run
         for v in model.trainable_variables:
             v.assign(rng.uniform(-0.5, 0.5, size=tuple(v.shape)).astype("float32"))
-        keras_mat.annotate(model)
+        keras_mat.annotate(model, dense=True)
         optimizer = keras_mat.wrap(
             keras.optimizers.Adam(1e-2),
             alpha=0.5,
             beta=0.05,
             probe_every=2,
             probe_samples=args.probe_samples,
-            probe=args.probe,
             ntk_output=args.ntk_output,
         )
         model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -129,7 +127,10 @@ def train(args, scope, strategy=None):
                     self.model.jax_state_sync()
                 masks.append({k: "".join(str(int(b)) for b in m) for k, m in optimizer.masks.items()})
 
-        model.fit(x, y, batch_size=args.batch_size, epochs=1, shuffle=False, verbose=0, callbacks=[Record()])
+        # MATCallback measures on the first probe_samples training samples, the same
+        # fixed probe set for every replica.
+        mat = keras_mat.MATCallback(x)
+        model.fit(x, y, batch_size=args.batch_size, epochs=1, shuffle=False, verbose=0, callbacks=[mat, Record()])
     state = [s[k] for s in optimizer.mat_state.values() for k in s] + [optimizer.num_measurements]
     checked = state + list(model.trainable_variables) + list(optimizer.inner_optimizer.variables)
     return {

@@ -11,7 +11,7 @@ weights and averages gradients in `backward()`. MAT adds three things:
    `probe_samples` samples of the global training data);
 2. lambda_max is all-reduced (mean), so every rank holds the same numbers
    even where a kernel is not bitwise deterministic;
-3. `keras_mat.apply_measurement(optimizer, lambda_max)` runs the MAT policies
+3. `optimizer.update_masks(lambda_max)` runs the MAT policies
    and writes the masks: deterministic, so every rank gets the same masks. The
    wrapped Keras optimizer then applies the averaged gradients with them.
 
@@ -108,7 +108,7 @@ def train(rank, args, port=None):
             args.backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
         )
     model = build_model()
-    keras_mat.annotate(model)
+    keras_mat.annotate(model, dense=True)
     optimizer = keras_mat.wrap(
         keras.optimizers.Adam(1e-2),
         alpha=args.alpha,
@@ -128,7 +128,7 @@ def train(rank, args, port=None):
         if step % args.probe_every == 0:
             lam = keras_mat.module_lambda_max(model, probe_x)
             lam = all_reduce_mean(lam, world)
-            keras_mat.apply_measurement(optimizer, lam)
+            optimizer.update_masks(lam)
             record["lambda_max"].append({k: np.asarray(v).tolist() for k, v in optimizer.lambda_max.items()})
         start = step * args.batch_size + rank * local
         xb = torch.as_tensor(x[start : start + local])

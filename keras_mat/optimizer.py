@@ -691,7 +691,7 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         """
         if not isinstance(self.policy, str):
             return False
-        return int(ops.convert_to_numpy(self.iterations.value)) % self.probe_every == 0
+        return int(self.iterations.numpy()) % self.probe_every == 0
 
     def _check_lambda_max(self, lambda_max):
         if not isinstance(lambda_max, dict) or set(lambda_max) != set(self.mat_state):

@@ -225,7 +225,7 @@ def measure(model, x_probe, y_probe=None, ntk_output=None):
         opt.update_masks(lam)
     elif opt.policy is not None and not isinstance(opt.policy, str):
         backends.trainer().sync_state(model)
-        opt.follow_schedule(int(ops.convert_to_numpy(opt.iterations.value)))
+        opt.follow_schedule(int(opt.iterations.numpy()))
     return sync_trainable(model)
 
 
@@ -426,7 +426,7 @@ class MATCallback(keras.callbacks.Callback):
             tree.map_structure(ops.convert_to_tensor, px),
             None if py is None else tree.map_structure(ops.convert_to_tensor, py),
         )
-        self._step = int(ops.convert_to_numpy(opt.iterations.value)) if opt is not None else 0
+        self._step = int(opt.iterations.numpy()) if opt is not None else 0
         self._first_step = self._step
         self._compiles = backends.trainer().compiles_train_step(model)
         self._step_seconds = None
@@ -718,7 +718,7 @@ class MATCallback(keras.callbacks.Callback):
 
     def _emit(self, lam, masks, frozen):
         measurement = (
-            int(ops.convert_to_numpy(self._opt.num_measurements.value)) - 1
+            int(self._opt.num_measurements.numpy()) - 1
             if self._opt is not None
             else self._measurement
         )

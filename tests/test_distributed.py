@@ -71,8 +71,6 @@ def test_tf_mirrored_strategy_matches_one_device():
         "--steps",
         "4",
         "--json",
-        "--probe",
-        "batch",
     ]
     runs = json.loads(_run("tensorflow", argv).strip().splitlines()[-1])
     _check_against_one_device(runs, "MirroredStrategy", copies=2)
@@ -108,7 +106,7 @@ def test_unsupported_combinations_raise(monkeypatch):
     import keras_mat
 
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    keras_mat.annotate(model)
+    keras_mat.annotate(model, dense=True)
     model.compile(optimizer=keras_mat.wrap(keras.optimizers.SGD()), loss="mse")
     x, y = np.zeros((4, 3), "float32"), np.zeros((4, 2), "float32")
     if BACKEND == "tensorflow":
@@ -129,28 +127,48 @@ def test_unsupported_combinations_raise(monkeypatch):
 
         monkeypatch.setattr(jax, "process_count", lambda *a: 2)
         match = "process_count"
+    mat = keras_mat.MATCallback(x)
     with pytest.raises(NotImplementedError, match=match):
-        model.fit(x, y, verbose=0)
+        if BACKEND != "jax":
+            # Keras's own data pipeline needs a real strategy / process group:
+            # ask the callback directly, as fit does before the first step.
+            model.optimizer.build(model.trainable_variables)
+            mat.set_model(model)
+            mat.on_train_begin()
+        else:
+            model.fit(x, y, verbose=0, callbacks=[mat])
 
 
-def test_apply_measurement_runs_the_policy():
-    """The custom-loop update (torch recipe) writes the MAT policy's masks."""
+def test_update_masks_runs_the_policy():
+    """The custom-loop update (torch recipe) writes the MAT policy's masks;
+    the stateless twin (JAX custom loops) computes the same state."""
     import keras_mat
 
     model = keras.Sequential(
         [keras.Input((3,)), keras.layers.Dense(4, name="fc0"), keras.layers.Dense(2, name="fc1")]
     )
-    keras_mat.annotate(model)
+    keras_mat.annotate(model, dense=True)
     opt = keras_mat.wrap(keras.optimizers.SGD(), alpha=0.5, warmup=0)
-    with pytest.raises(ValueError, match="must be a built"):
-        keras_mat.apply_measurement(opt, {})
+    with pytest.raises(ValueError, match="needs a built optimizer"):
+        opt.update_masks({})
     opt.build(model.trainable_variables)
     with pytest.raises(ValueError, match="one entry per module family"):
-        keras_mat.apply_measurement(opt, {"nope": [1.0]})
+        opt.update_masks({"nope": [1.0]})
     fc0, fc1 = (g.name for g in opt.families)
     with pytest.raises(ValueError, match="must have shape"):
-        keras_mat.apply_measurement(opt, {fc0: [1.0, 2.0], fc1: [1.0]})
-    masks = keras_mat.apply_measurement(opt, {fc0: np.array([1.0]), fc1: np.array([3.0])})
+        opt.update_masks({fc0: [1.0, 2.0], fc1: [1.0]})
+    assert opt.update_masks({fc0: np.array([np.nan]), fc1: np.array([3.0])}) is None  # no-op
+    assert int(keras.ops.convert_to_numpy(opt.num_measurements.value)) == 0
+    masks = opt.update_masks({fc0: np.array([1.0]), fc1: np.array([3.0])})
     assert {k: v.tolist() for k, v in masks.items()} == {fc0: [False], fc1: [True]}
     np.testing.assert_allclose(opt.lambda_max[fc1], [3.0])
     assert int(keras.ops.convert_to_numpy(opt.num_measurements.value)) == 1
+    twin = keras_mat.wrap(keras.optimizers.SGD(), alpha=0.5, warmup=0)
+    twin.build(model.trainable_variables)
+    values = twin.stateless_update_masks(
+        [v.value for v in twin.variables], {fc0: np.array([1.0]), fc1: np.array([3.0])}
+    )
+    for v, value in zip(twin.variables, values):
+        v.assign(value)
+    assert {k: v.tolist() for k, v in twin.masks.items()} == {fc0: [False], fc1: [True]}
+    assert int(keras.ops.convert_to_numpy(twin.num_measurements.value)) == 1
