@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import wikitext  # noqa: E402  (benchmarks/harness/wikitext.py)
 
-VARIANTS = ("plain", "mat", "rand", "multirate")
+VARIANTS = ("plain", "mat", "rand", "paper_rand", "multirate")
 
 
 def parse_args(argv=None):
@@ -86,7 +86,13 @@ def parse_args(argv=None):
     )
     p.add_argument("--probe-every", type=int, default=25)
     p.add_argument("--probe-samples", type=int, default=16)
-    p.add_argument("--rand-fraction", type=float, default=0.5)
+    p.add_argument(
+        "--rand-fraction", type=float, default=0.5, help="paper_rand's share (or rand's, without --rand-from)"
+    )
+    p.add_argument(
+        "--rand-from", default=None,
+        help="a MAT run's JSON: rand draws MAT's active fraction after each of its measurements (compute-matched)",
+    )  # fmt: skip
     p.add_argument("--multirate-k", type=int, default=4)
     p.add_argument("--log-lambda", type=int, default=0, help="log heads' lambda_max every K steps (0: off)")
     p.add_argument(
@@ -172,6 +178,16 @@ def masked_loss(model, arrays, batch_size):
     return total / max(count, 1.0)
 
 
+def mat_fractions(path):
+    """A MAT run's fraction of heads updated after each of its measurements."""
+    with open(path) as f:
+        rows = json.load(f)["mat_rows_masks"]
+    by_step = {}
+    for r in rows:
+        by_step.setdefault(r["step"], []).append(float(r["active"]) * (1.0 - float(r["frozen"])))
+    return [float(np.mean(v)) for _, v in sorted(by_step.items())]
+
+
 def use_temporal_period(period):
     """Makes the MAT optimizer's policy update evaluate the temporal rule every
     `period` measurements (`keras_mat.policy.policy_update(..., period=...)`),
@@ -216,9 +232,13 @@ def main(argv=None):
                 else int(args.temporal)
             )
             use_temporal_period(period)
-    elif args.variant in ("rand", "multirate"):
+    elif args.variant in ("rand", "paper_rand", "multirate"):
         if args.variant == "rand":
-            schedule = keras_mat.RandomModules(args.rand_fraction, every=args.probe_every, seed=args.seed)
+            fractions = mat_fractions(args.rand_from) if args.rand_from else args.rand_fraction
+            schedule = keras_mat.RandomModules(fractions, every=args.probe_every, seed=args.seed)
+        elif args.variant == "paper_rand":
+            fraction = float(np.mean(mat_fractions(args.rand_from))) if args.rand_from else args.rand_fraction
+            schedule = keras_mat.baselines.PaperRand(fraction, every=1, seed=args.seed)
         else:
             schedule = keras_mat.Multirate(k=args.multirate_k)
         optimizer = keras_mat.wrap(inner, policy=schedule)
