@@ -350,11 +350,15 @@ def _forward(model, x):
     return model.call(x)
 
 
-def _has_conv(model):
+def _conv_variables(model):
+    """ids of the variables of the model's convolution layers."""
     kinds = (kp.BaseConv, kp.BaseConvTranspose, kp.BaseDepthwiseConv, kp.BaseSeparableConv)
-    return any(
-        isinstance(layer, kinds) for layer in model._flatten_layers(include_self=False, recursive=True)
-    )
+    return {
+        id(v)
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, kinds)
+        for v in layer.weights
+    }
 
 
 ROUTES = ("auto", "factored", "generic")
@@ -434,8 +438,12 @@ class Probe:
             if vid not in factored
         )
         self._kernels = {}
-        self._has_conv = _has_conv(model)
-        self._xla = not (self._has_conv and any(True for _ in self.entries))
+        # Convolution variables on the generic route: TF runs that pass as a
+        # graph (XLA makes per-sample convolution gradients 10-40x slower), and
+        # JAX does not split its samples over devices (see backends/jax.py).
+        conv = _conv_variables(model)
+        self._generic_conv = any(id(self.variables[e[0]]) in conv for e in self.entries)
+        self._xla = not self._generic_conv
 
     # Kept for the training integration's cost accounting.
     @property
@@ -479,9 +487,7 @@ class Probe:
         probe_pos = [e[0] for e in entries]
         fams = sorted({e[1] for e in entries})
         kernel = backends.get()
-        # See backends/jax.py: no sample split over devices when convolutions
-        # are differentiated per sample.
-        split = not self._has_conv
+        split = not self._generic_conv
 
         def run(values, x, y):
             fn = self._single_fn(probe_pos, values)
@@ -595,7 +601,7 @@ def get_probe(model, groups, ntk_output, loss=None, max_probe_bytes=None, x=None
     """A cached `Probe` for this model and configuration.
 
     The cache key holds the families' variables (by identity), axes and module
-    counts, the model's variable list, the output mode, the loss in effect
+    counts, the active `keras.distribution` (JAX), the model's variable list, the output mode, the loss in effect
     (`loss`, else the model's compiled loss) and `max_probe_bytes`; at most
     `PROBE_CACHE_SIZE` probes are kept per model.
     """
@@ -603,8 +609,10 @@ def get_probe(model, groups, ntk_output, loss=None, max_probe_bytes=None, x=None
     cache = model.__dict__.setdefault("_keras_mat_probes", {})
     effective_loss = loss if loss is not None else getattr(model, "loss", None)
     rows = output_size(model, x) if (ntk_output == "logits" and x is not None) else 1
+    distribution = keras.distribution.distribution() if backends.name() == "jax" else None
     key = (
         _group_key(groups),
+        id(distribution),
         tuple(id(v) for v in model.variables),
         ntk_output,
         id(effective_loss) if ntk_output == "loss" else None,
