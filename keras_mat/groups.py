@@ -60,17 +60,21 @@ class ModuleGroup:
         variables: A `keras.Variable` or a list of them.
         axes: The module axis of each variable (an int, negative allowed, or
             `None` for "the whole variable"). A single int/None applies to
-            every variable.
-        num_modules: Number of modules in the family. Must divide the size of
-            every variable's module axis. `axis=None` requires `num_modules=1`.
+            every variable. Numpy integers count as ints.
+        num_modules: Positive int: number of modules in the family. Must
+            divide the size of every variable's module axis. `axis=None`
+            requires `num_modules=1`.
         kind: One of `"head"`, `"filter"`, `"expert"`, `"layer"`, `"custom"`.
             Used to choose the threshold scope (global for heads and experts,
             per family for filters).
 
     Raises:
-        ValueError: on an axis out of range, a `num_modules` that does not
-            divide an axis, a non-trainable variable, an unknown `kind`, or a
-            variable listed twice.
+        TypeError: if `variables` is not a variable or a list of variables,
+            or `axes` is neither an int, None nor a list.
+        ValueError: on an empty `name` or `variables`, an axis out of range,
+            a `num_modules` that is not a positive int or does not divide an
+            axis, a non-trainable variable, an unknown `kind`, or a variable
+            listed twice.
 
     Example:
 
