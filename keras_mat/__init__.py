@@ -1,7 +1,7 @@
 """keras_mat: Modular Adaptive Training for Keras 3 (JAX, TensorFlow, PyTorch)."""
 
 from keras_mat import baselines, callbacks, flops, policy
-from keras_mat.baselines import Multirate, RandomModules
+from keras_mat.baselines import Multirate, PaperRand, RandomModules
 from keras_mat.callbacks import plot_lambda
 from keras_mat.groups import ModuleGroup, annotate, annotate_variables, discover_groups, get_groups
 from keras_mat.ntk import module_lambda_max
@@ -12,6 +12,7 @@ from keras_mat.version import __version__
 __all__ = [
     "MATCallback",
     "Multirate",
+    "PaperRand",
     "RandomModules",
     "ModularAdaptiveOptimizer",
     "ModuleGroup",

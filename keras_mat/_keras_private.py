@@ -1,22 +1,23 @@
 """The one place that reaches into Keras internals (`keras.src`).
 
-Each name below has no public equivalent in Keras 3; the line above it says
-why keras_mat needs it. Everything else in the package uses the public API.
+Each name below has no public equivalent in Keras 3; the comment beside it
+says why keras_mat needs it. Everything else in the package uses the public
+API.
 """
-
-# Optimizer state kept in plain dicts must not be re-tracked by Keras's
-# attribute tracking (it would register every MAT state variable twice).
-from keras.src.utils.tracking import no_automatic_dependency_tracking  # noqa: F401
-
-# Convolution families are recognised by their base classes (Conv1D/2D/3D and
-# their transpose, depthwise and separable variants share them); Keras exports
-# only the concrete classes.
-from keras.src.layers.convolutional.base_conv import BaseConv  # noqa: F401, E402
-from keras.src.layers.convolutional.base_conv_transpose import BaseConvTranspose  # noqa: F401, E402
-from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv  # noqa: F401, E402
-from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv  # noqa: F401, E402
 
 # Shape-only tracing of a whole model on every backend (JAX eval_shape, TF
 # FuncGraph, torch meta tensors) for the analytic FLOPs count; the public
 # `Layer.compute_output_spec` is per layer and does not run nested layers.
-from keras.src.backend import compute_output_spec  # noqa: F401, E402
+from keras.src.backend import compute_output_spec  # noqa: F401
+
+# Convolution families are recognised by their base classes (Conv1D/2D/3D and
+# their transpose, depthwise and separable variants share them); Keras exports
+# only the concrete classes.
+from keras.src.layers.convolutional.base_conv import BaseConv  # noqa: F401
+from keras.src.layers.convolutional.base_conv_transpose import BaseConvTranspose  # noqa: F401
+from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv  # noqa: F401
+from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv  # noqa: F401
+
+# Optimizer state kept in plain dicts must not be re-tracked by Keras's
+# attribute tracking (it would register every MAT state variable twice).
+from keras.src.utils.tracking import no_automatic_dependency_tracking  # noqa: F401

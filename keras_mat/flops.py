@@ -66,12 +66,10 @@ Every layer call in the traced graph counts, including outputs the loss may
 not use (e.g. a backbone's pooled output under a masked-LM head).
 
 Shapes are found by tracing one call of the model on abstract inputs of
-batch size `batch_size` (`keras.src.backend.compute_output_spec`: no
-real computation on JAX and TensorFlow, meta tensors on PyTorch) while a
-hook records the input and output shapes of every layer call. Layers called
-several times (shared layers) are counted once per call. The hook patches
-`Layer.__call__` for the duration of the trace (under a lock): do not count
-FLOPs while another thread calls Keras layers.
+batch size `batch_size` (no real computation on JAX and TensorFlow, meta
+tensors on PyTorch) while a profile hook of the tracing thread records the
+input and output shapes of every layer call; nothing in Keras is replaced.
+Layers called several times (shared layers) are counted once per call.
 
 Cumulative FLOPs in a training loop (count once, then accumulate):
 
@@ -93,12 +91,20 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-import threading
+import sys
 
 import keras
 import numpy as np
 
-_TRACE_LOCK = threading.Lock()
+from keras_mat._keras_private import (
+    BaseConv,
+    BaseConvTranspose,
+    BaseDepthwiseConv,
+    BaseSeparableConv,
+    compute_output_spec,
+)
+from keras_mat.groups import discover_groups, get_groups
+
 _TOP_K_ATTRS = ("top_k", "num_experts_per_tok", "experts_per_token", "num_selected_experts")
 
 
@@ -307,44 +313,49 @@ def _input_specs(model, batch_size, input_shapes):
 
 
 def _trace(model, specs):
-    from keras.src import backend
-    from keras.src.layers.layer import Layer
-
+    # Layer calls are observed, not intercepted: a profile function (the
+    # interpreter's own tracing hook, for this thread only) sees every entry
+    # into and return from `Layer.__call__` while the model runs on abstract
+    # inputs. Nothing in Keras is replaced.
     calls = []
     sources = {}  # id(tensor) -> (index, tensor): the tensor kept alive so that ids stay unique
-    original = Layer.__call__
+    open_calls = {}  # id(frame) -> (record, number of calls recorded before it)
+    target = inspect.unwrap(keras.layers.Layer.__call__).__code__
 
-    def hooked(self, *args, **kwargs):
-        record = _Call(self, _bind(self, args, kwargs))
-        first = next((t for t in keras.tree.flatten((args, kwargs)) if _is_tensor_like(t)), None)
-        if first is not None:
-            record.source = sources.setdefault(id(first), (len(sources), first))[0]
-        calls.append(record)
-        start = len(calls)
-        out = original(self, *args, **kwargs)
-        if len(calls) > start:
-            # A layer that calls sub-layers (attention: its query/key/value
-            # projections) is taken to do its own work after them, on their
-            # outputs: it is ordered after them and reads none of its inputs.
-            calls.remove(record)
+    def observe(frame, event, arg):
+        if event == "call" and frame.f_code is target:
+            local = frame.f_locals
+            layer, args, kwargs = local.get("self"), local.get("args", ()), local.get("kwargs", {})
+            record = _Call(layer, _bind(layer, args, kwargs))
+            first = next((t for t in keras.tree.flatten((args, kwargs)) if _is_tensor_like(t)), None)
+            if first is not None:
+                record.source = sources.setdefault(id(first), (len(sources), first))[0]
             calls.append(record)
-            record.source = None
-        flat = [_shape_of(t) for t in keras.tree.flatten(out) if _is_tensor_like(t)]
-        record.outputs = flat
-        return out
+            open_calls[id(frame)] = (record, len(calls))
+        elif event == "return" and frame.f_code is target and id(frame) in open_calls:
+            record, start = open_calls.pop(id(frame))
+            if len(calls) > start:
+                # A layer that calls sub-layers (attention: its query/key/value
+                # projections) is taken to do its own work after them, on their
+                # outputs: it is ordered after them and reads none of its inputs.
+                calls.remove(record)
+                calls.append(record)
+                record.source = None
+            record.outputs = [_shape_of(t) for t in keras.tree.flatten(arg) if _is_tensor_like(t)]
 
     def fn(inputs):
         calls.clear()  # a backend may trace more than once (torch: meta, then eager)
         sources.clear()
-        return model(inputs, training=False)
-
-    with _TRACE_LOCK:
-        Layer.__call__ = hooked
+        open_calls.clear()
+        previous = sys.getprofile()
+        sys.setprofile(observe)
         try:
-            backend.compute_output_spec(fn, specs)
+            return model(inputs, training=False)
         finally:
-            Layer.__call__ = original
-    return [c for c in calls if c.layer is not model]
+            sys.setprofile(previous)
+
+    compute_output_spec(fn, specs)
+    return [c for c in calls if c.layer is not model and c.outputs is not None]
 
 
 # --------------------------------------------------------------------------------------
@@ -427,11 +438,6 @@ def _einsum_flops(equation, input_shape, kernel_shape):
 
 def _count_call(call, op):
     """Fills `op` for one layer call; returns False when it counts nothing."""
-    from keras.src.layers.convolutional.base_conv import BaseConv
-    from keras.src.layers.convolutional.base_conv_transpose import BaseConvTranspose
-    from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
-    from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv
-
     layer = call.layer
     x = _first_input(call)
     y = call.outputs[0] if call.outputs else None
@@ -563,8 +569,6 @@ def count_flops(model, batch_size, input_shapes=None, groups=None):
     >>> report.forward, report.grad_input, report.grad_weight
     (128.0, 128.0, 128.0)
     """
-    from keras_mat.groups import discover_groups, get_groups
-
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive int. Received: batch_size={batch_size!r}")
     if not model.built:

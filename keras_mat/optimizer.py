@@ -157,7 +157,7 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
     Example:
 
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    >>> _ = keras_mat.annotate(model)
+    >>> _ = keras_mat.annotate(model, dense=True)
     >>> opt = ModularAdaptiveOptimizer(keras.optimizers.Adam(1e-3), alpha=0.3)
     >>> model.compile(optimizer=opt, loss="mse")
     """

@@ -233,6 +233,14 @@ def measure(model, x_probe, y_probe=None, ntk_output=None):
 # The callback
 # --------------------------------------------------------------------------------------
 
+
+def _optional_int(name, value, allow_none=True):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`{name}` must be an int >= 1. Received: {name}={value!r}")
+    return int(value)
+
 _FIELDS = (
     "step",
     "measurement",
@@ -316,33 +324,22 @@ class MATCallback(keras.callbacks.Callback):
         batch_size=None,
     ):
         super().__init__()
-        if probe_samples is not None and (
-            isinstance(probe_samples, bool)
-            or not isinstance(probe_samples, (int, np.integer))
-            or probe_samples < 1
-        ):
-            raise ValueError(
-                f"`probe_samples` must be an int >= 1. Received: probe_samples={probe_samples!r}"
-            )
-        if isinstance(probe_every, bool) or not isinstance(probe_every, (int, np.integer)) or probe_every < 1:
-            raise ValueError(f"`probe_every` must be an int >= 1. Received: probe_every={probe_every!r}")
-        if recompile not in ("auto", "always", "never"):
+        probe_samples = _optional_int("probe_samples", probe_samples)
+        probe_every = _optional_int("probe_every", probe_every, allow_none=False)
+        max_cached_steps = _optional_int("max_cached_steps", max_cached_steps, allow_none=False)
+        batch_size = _optional_int("batch_size", batch_size)
+        if not isinstance(recompile, str) or recompile not in ("auto", "always", "never"):
             raise ValueError(
                 f"`recompile` must be 'auto', 'always' or 'never'. Received: recompile={recompile!r}"
             )
-        if (
-            isinstance(max_cached_steps, bool)
-            or not isinstance(max_cached_steps, int)
-            or max_cached_steps < 1
-        ):
-            raise ValueError(
-                f"`max_cached_steps` must be an int >= 1. Received: max_cached_steps={max_cached_steps!r}"
-            )
+        for name, path in (("csv_path", csv_path), ("tensorboard_dir", tensorboard_dir)):
+            if path is not None and not isinstance(path, (str, os.PathLike)):
+                raise ValueError(f"`{name}` must be a path (str or os.PathLike). Received: {name}={path!r}")
         if x is None:
             raise ValueError("MATCallback needs probe data (training inputs). Received: x=None")
         self._data = (x, y)
-        self.probe_samples = None if probe_samples is None else int(probe_samples)
-        self.probe_every = int(probe_every)
+        self.probe_samples = probe_samples
+        self.probe_every = probe_every
         self.csv_path = None if csv_path is None else os.fspath(csv_path)
         self.tensorboard_dir = tensorboard_dir
         self.append = bool(append)

@@ -42,14 +42,15 @@ def _mha():
 
 
 def test_dense_mlp():
-    report = flops.count_flops(_mlp(), batch_size=B)
+    model = _mlp()
+    report = flops.count_flops(model, batch_size=B, groups=keras_mat.discover_groups(model, dense=True))
     rows = B * 3  # batch times the sequence axis
     assert _entry(report, "fc0") == (2.0 * rows * 5 * 7,) * 3
     assert _entry(report, "fc1") == (2.0 * rows * 7 * 2,) * 3
     total = 2.0 * rows * (5 * 7 + 7 * 2)
     assert (report.forward, report.grad_input, report.grad_weight) == (total, total, total)
     assert report.total == 3 * total
-    # Not annotated: families come from discover_groups (one module per Dense).
+    # Dense layers as whole-layer families (discover_groups(dense=True)).
     np.testing.assert_allclose(report.families["fc0"], [2.0 * rows * 35])
     assert report.grad_weight_always == 0.0
     assert report.shared == 2 * total
@@ -97,7 +98,7 @@ def test_conv1d_depthwise_separable():
     pointwise = 2.0 * B * 1 * 5 * 6
     f = depthwise + pointwise
     assert _entry(report, "sep") == (f, f, f)
-    np.testing.assert_allclose(report.families["sep/depthwise"], [depthwise])
+    np.testing.assert_allclose(report.families["sep/depthwise"], [depthwise / 6] * 6)  # one filter per channel
     np.testing.assert_allclose(report.families["sep/filters"], [pointwise / 5] * 5)
     np.testing.assert_allclose(report.families["dw/filters"], [2.0 * B * 3 * 6 * 2 / 3] * 3)
 
@@ -236,7 +237,8 @@ def test_step_flops_masks():
 
 
 def test_step_flops_family_off_and_frozen_prefix():
-    report = flops.count_flops(_mlp(), batch_size=B)
+    model = keras_mat.annotate(_mlp(), dense=True)
+    report = flops.count_flops(model, batch_size=B)
     fc0, fc1 = _entry(report, "fc0"), _entry(report, "fc1")
     assert flops.step_flops(report, {"fc1": [False]}) == report.total - fc1[2]
     # Backprop stops at fc1: fc1's dW only; no dX anywhere, nothing of fc0.
@@ -259,6 +261,7 @@ def test_auto_frozen_prefix_stops_below_self_attention():
     h = keras.layers.Dense(8, name="stem")(x)
     h = keras.layers.MultiHeadAttention(2, 4, name="mha")(query=h, value=h)
     model = keras.Model(x, keras.layers.Dense(3, name="head")(keras.layers.Flatten()(h)))
+    keras_mat.annotate(model, dense=True)
     report = flops.count_flops(model, batch_size=B)
     order = [op.layer for op in report.ops]
     assert order.index("mha") > order.index("mha/value"), order  # its matmuls run after q/k/v
@@ -276,7 +279,7 @@ def test_auto_frozen_prefix_stops_below_self_attention():
 
 
 def test_probe_flops():
-    model = _mlp()
+    model = keras_mat.annotate(_mlp(), dense=True)
     report = flops.count_flops(model, batch_size=B)
     rows, samples = 6, 3  # 3 outputs per position x 2, say
     per_sample_fwd = report.forward / B

@@ -590,14 +590,12 @@ RAISES = [
         lambda: keras_mat.MATCallback(_x(), csv_path=3),
         (ValueError, TypeError),
         "csv_path=3",
-        _owner_xfail(LEAD, "csv_path=3 raises os.fspath's TypeError, naming no argument"),
     ),
     _case(
         "callback-recompile-array",
         lambda: keras_mat.MATCallback(_x(), recompile=np.array(["auto"])),
         ValueError,
         "recompile=",
-        _owner_xfail(LEAD, "an ndarray recompile passes validation"),
     ),
 ]
 
@@ -644,9 +642,6 @@ def test_numpy_scalars_are_accepted_as_python_numbers():
     assert len(RandomModules(0.5, every=2).masks(np.int64(3), [("a", np.int64(4))])[0]) == 4
 
 
-@pytest.mark.xfail(
-    strict=True, reason=f"{LEAD}: MATCallback refuses numpy ints for max_cached_steps/batch_size"
-)
 def test_callback_accepts_numpy_ints():
     cb = keras_mat.MATCallback(_x(), max_cached_steps=np.int64(2), batch_size=np.int64(8))
     assert (cb.max_cached_steps, cb.batch_size) == (2, 8)
