@@ -227,7 +227,9 @@ def main(argv=None):
         optimizer = keras_mat.wrap(inner, **options)
         if args.temporal is not None:
             period = (
-                keras_mat.policy.temporal_period(args.temporal, args.probe_every, steps_per_epoch)
+                keras_mat.policy.temporal_period(
+                    args.temporal, args.probe_every, steps_per_epoch, args.epochs
+                )
                 if not args.temporal.isdigit()
                 else int(args.temporal)
             )

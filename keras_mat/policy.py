@@ -21,7 +21,7 @@ One measurement `r` (`policy_update`) does, in this order:
    raise instead.
 2. **Temporal policy** (`temporal_stop`), the paper's formula (7) on a clock
    of `period` measurements per time step `t` (`temporal_period`; by
-   default one epoch). `Delta = |lambda - lambda_init|`. At `r = 0`,
+   default a quarter of the planned training). `Delta = |lambda - lambda_init|`. At `r = 0`,
    `lambda_init := lambda(0)`; at `r = period`, `delta_first := Delta`. At
    every `r = t * period >= max(2 * period, warmup)`, an alive module that
    was updated during the last interval is frozen *permanently* when
@@ -49,8 +49,10 @@ from keras_mat.groups import KINDS
 
 THRESHOLD_SCOPES = ("auto", "global", "per_layer")
 #: Readings of the temporal policy's time `t` (see `temporal_period`).
-TEMPORAL_READINGS = ("epoch", "measurement")
-#: Measurements per temporal step of `temporal="epoch"` when the epoch length is unknown.
+TEMPORAL_READINGS = ("training", "epoch", "measurement")
+#: Temporal steps per planned training run under `temporal="training"`.
+TRAINING_STEPS = 4
+#: Measurements per temporal step when the reading needs a length that is unknown.
 FALLBACK_PERIOD = 10
 
 
@@ -166,8 +168,9 @@ def check_temporal(temporal):
     """Validates the temporal-policy reading `temporal`.
 
     Args:
-        temporal: `"epoch"` (`t` counts epochs), `"measurement"` (`t` counts
-            measurements) or an int `>= 1` (`t` counts that many
+        temporal: `"training"` (`t` counts quarters of the planned
+            training), `"epoch"` (`t` counts epochs), `"measurement"` (`t`
+            counts measurements) or an int `>= 1` (`t` counts that many
             measurements). See `temporal_period`.
 
     Returns:
@@ -178,8 +181,8 @@ def check_temporal(temporal):
 
     Example:
 
-    >>> check_temporal("epoch")
-    'epoch'
+    >>> check_temporal("training")
+    'training'
     """
     if isinstance(temporal, str) and temporal in TEMPORAL_READINGS:
         return temporal
@@ -191,38 +194,59 @@ def check_temporal(temporal):
     )
 
 
-def temporal_period(temporal, probe_every, steps_per_epoch=None):
+def _check_length(name, value):
+    if value is not None and (
+        not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1
+    ):
+        raise ValueError(f"`{name}` must be an int >= 1 or None. Received: {name}={value!r}")
+
+
+def temporal_period(temporal, probe_every, steps_per_epoch=None, epochs=None):
     """Measurements per temporal step `t` of the temporal policy (static Python).
 
     The paper's formula (7) compares the drift `Delta(t)` of each module's
     `lambda_max` between consecutive times `t`, relative to the first drift
-    `Delta(1)`. Which clock `t` runs on decides whether the rule can fire:
+    `Delta(1)`. Early in training `lambda_max` grows by orders of magnitude
+    (on a small BERT, from about 1e3 to 1e7-1e8 within the first few hundred
+    steps) and then fluctuates around a level. The rule can only single out
+    modules that have settled if `Delta(1)` spans that growth; which clock
+    `t` runs on decides it:
 
-    - `"epoch"` (default of `keras_mat.wrap`): `t` counts epochs, so the rule
-      is evaluated once per epoch and `Delta(1)` is the drift over the whole
-      first epoch: `round(steps_per_epoch / probe_every)` measurements (at
-      least 1). When the epoch length is unknown (`steps_per_epoch=None`, an
-      endless dataset) it falls back to `FALLBACK_PERIOD` measurements.
+    - `"training"` (the default of `keras_mat.wrap`): `t` counts quarters of
+      the planned training (`epochs * steps_per_epoch` optimizer steps, as
+      `fit` is called): `Delta(1)` is the drift over the first quarter and the
+      rule is checked at one half, three quarters and the end. The period is
+      `round(epochs * steps_per_epoch / (TRAINING_STEPS * probe_every))`
+      measurements (at least 1).
+    - `"epoch"`: `t` counts epochs, `round(steps_per_epoch / probe_every)`
+      measurements. With epochs shorter than the growth phase of
+      `lambda_max`, `Delta(1)` is small and the rule does not fire.
     - `"measurement"`: `t` counts measurements (period 1). `Delta(1)` is the
-      drift over the first `probe_every` steps, tiny next to later changes
-      while `lambda_max` grows by orders of magnitude, so the rule rarely
-      fires.
+      drift over the first `probe_every` steps: the rule either never fires
+      (small `beta`) or stops modules in the first few measurements, before
+      `lambda_max` has grown (larger `beta`).
     - an int `k >= 1`: `t` counts `k` measurements.
+
+    A length that is unknown (`None`, e.g. an endless dataset) falls back to
+    `FALLBACK_PERIOD` measurements.
 
     Args:
         temporal: The reading (see `check_temporal`).
         probe_every: Steps between measurements (int `>= 1`).
         steps_per_epoch: Optimizer steps per epoch, or `None` if unknown.
+        epochs: Planned epochs, or `None` if unknown.
 
     Returns:
         An int `>= 1`, the `period` argument of `policy_update`.
 
     Raises:
-        ValueError: on an invalid `temporal`, `probe_every` or
-            `steps_per_epoch`.
+        ValueError: on an invalid `temporal`, `probe_every`,
+            `steps_per_epoch` or `epochs`.
 
     Example:
 
+    >>> temporal_period("training", probe_every=10, steps_per_epoch=80, epochs=8)
+    16
     >>> temporal_period("epoch", probe_every=25, steps_per_epoch=160)
     6
     >>> temporal_period("measurement", probe_every=25, steps_per_epoch=160)
@@ -231,21 +255,21 @@ def temporal_period(temporal, probe_every, steps_per_epoch=None):
     temporal = check_temporal(temporal)
     if not isinstance(probe_every, numbers.Integral) or isinstance(probe_every, bool) or probe_every < 1:
         raise ValueError(f"`probe_every` must be an int >= 1. Received: probe_every={probe_every!r}")
-    if steps_per_epoch is not None and (
-        not isinstance(steps_per_epoch, numbers.Integral)
-        or isinstance(steps_per_epoch, bool)
-        or steps_per_epoch < 1
-    ):
-        raise ValueError(
-            f"`steps_per_epoch` must be an int >= 1 or None. Received: steps_per_epoch={steps_per_epoch!r}"
-        )
+    _check_length("steps_per_epoch", steps_per_epoch)
+    _check_length("epochs", epochs)
     if isinstance(temporal, int):
         return temporal
     if temporal == "measurement":
         return 1
-    if steps_per_epoch is None:
+    if temporal == "epoch":
+        steps = steps_per_epoch
+    else:
+        steps = (
+            None if steps_per_epoch is None or epochs is None else steps_per_epoch * epochs / TRAINING_STEPS
+        )
+    if steps is None:
         return FALLBACK_PERIOD
-    return max(1, int(round(steps_per_epoch / probe_every)))
+    return max(1, int(round(steps / probe_every)))
 
 
 def scope_ids(kinds, threshold_scope="auto"):

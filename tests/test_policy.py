@@ -498,6 +498,11 @@ def test_structure_errors():
 
 
 def test_temporal_period_readings():
+    # "training": a quarter of the planned steps (8 epochs x 80 steps / 4 = 160 steps = 16 measurements).
+    assert P.temporal_period("training", probe_every=10, steps_per_epoch=80, epochs=8) == 16
+    assert P.temporal_period("training", probe_every=50, steps_per_epoch=10, epochs=2) == 1
+    assert P.temporal_period("training", probe_every=10, steps_per_epoch=80) == P.FALLBACK_PERIOD
+    assert P.temporal_period("training", probe_every=10, epochs=8) == P.FALLBACK_PERIOD
     assert P.temporal_period("epoch", probe_every=25, steps_per_epoch=160) == 6
     assert P.temporal_period("epoch", probe_every=10, steps_per_epoch=5) == 1
     assert P.temporal_period("epoch", probe_every=10, steps_per_epoch=None) == P.FALLBACK_PERIOD
@@ -519,6 +524,8 @@ def test_temporal_period_rejects():
         P.temporal_period("epoch", probe_every=0, steps_per_epoch=10)
     with pytest.raises(ValueError, match=r"Received: steps_per_epoch=0"):
         P.temporal_period("epoch", probe_every=5, steps_per_epoch=0)
+    with pytest.raises(ValueError, match=r"Received: epochs=-2"):
+        P.temporal_period("training", probe_every=5, steps_per_epoch=10, epochs=-2)
     with pytest.raises(ValueError, match=r"Received: temporal='week'"):
         P.temporal_period("week", probe_every=5)
 
