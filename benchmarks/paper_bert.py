@@ -48,6 +48,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "harness"))
 sys.path.insert(0, os.path.dirname(HERE))
 
+import temporal  # noqa: E402  (benchmarks/harness/temporal.py)
 import wikitext  # noqa: E402  (benchmarks/harness/wikitext.py)
 
 VARIANTS = ("plain", "mat", "rand", "paper_rand", "multirate")
@@ -188,18 +189,6 @@ def mat_fractions(path):
     return [float(np.mean(v)) for _, v in sorted(by_step.items())]
 
 
-def use_temporal_period(period):
-    """Makes the MAT optimizer's policy update evaluate the temporal rule every
-    `period` measurements (`keras_mat.policy.policy_update(..., period=...)`),
-    for a library whose `wrap` has no `temporal` option yet."""
-    import functools
-
-    from keras_mat import optimizer as optimizer_lib
-    from keras_mat import policy
-
-    optimizer_lib.policy_lib.policy_update = functools.partial(policy.policy_update, period=int(period))
-
-
 def main(argv=None):
     args = parse_args(argv)
     import keras
@@ -224,16 +213,9 @@ def main(argv=None):
     if args.variant == "mat":
         options = dict(alpha=args.alpha, beta=args.beta, probe_every=args.probe_every, ntk_output="sum")
         options["probe_samples"] = args.probe_samples
-        optimizer = keras_mat.wrap(inner, **options)
         if args.temporal is not None:
-            period = (
-                keras_mat.policy.temporal_period(
-                    args.temporal, args.probe_every, steps_per_epoch, args.epochs
-                )
-                if not args.temporal.isdigit()
-                else int(args.temporal)
-            )
-            use_temporal_period(period)
+            temporal.apply(options, args.temporal, args.probe_every, steps_per_epoch, args.epochs)
+        optimizer = keras_mat.wrap(inner, **options)
     elif args.variant in ("rand", "paper_rand", "multirate"):
         if args.variant == "rand":
             fractions = mat_fractions(args.rand_from) if args.rand_from else args.rand_fraction

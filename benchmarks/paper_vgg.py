@@ -36,6 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "examples"))
+sys.path.insert(0, os.path.join(HERE, "harness"))
 
 
 def parse_args(argv=None):
@@ -66,6 +67,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     import keras
+    import temporal
     from vgg_cifar10 import build_vgg, load_cifar10
 
     import keras_mat
@@ -85,7 +87,8 @@ def main(argv=None):
         options = dict(alpha=args.alpha, beta=args.beta, probe_every=args.probe_every, ntk_output="logits")
         options["probe_samples"] = args.probe_samples
         if args.temporal is not None:
-            options["temporal"] = int(args.temporal) if args.temporal.isdigit() else args.temporal
+            steps_per_epoch = len(y_train) // args.batch_size
+            temporal.apply(options, args.temporal, args.probe_every, steps_per_epoch, args.epochs)
         optimizer = keras_mat.wrap(inner, **options)
         callbacks.append(keras_mat.MATCallback(x_train[: args.probe_samples], y_train[: args.probe_samples]))
     model.compile(
