@@ -23,6 +23,8 @@ from collections.abc import Iterable, Sequence
 import keras
 import numpy as np
 
+from keras_mat._keras_private import BaseConv, BaseConvTranspose, BaseDepthwiseConv, BaseSeparableConv
+
 KINDS = ("head", "filter", "expert", "layer", "custom")
 
 _GROUP_ATTR = "_keras_mat_group"
@@ -325,11 +327,6 @@ def _attention_group(layer):
 
 
 def _conv_group(layer, conv_modules):
-    from keras.src.layers.convolutional.base_conv import BaseConv
-    from keras.src.layers.convolutional.base_conv_transpose import BaseConvTranspose
-    from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
-    from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv
-
     name = _layer_name(layer)
     groups = []
 
@@ -556,11 +553,6 @@ def discover_groups(
     >>> [(g.name, g.kind, g.num_modules) for g in discover_groups(model)]
     [('conv2d/filters', 'filter', 4)]
     """
-    from keras.src.layers.convolutional.base_conv import BaseConv
-    from keras.src.layers.convolutional.base_conv_transpose import BaseConvTranspose
-    from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
-    from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv
-
     _check_model(model, "discover_groups()")
     include, conv_modules, excluded_layers, patterns = _check_discovery_options(
         include, conv_modules, exclude, embeddings, norms, dense

@@ -63,6 +63,13 @@ def _optimizer_chain(optimizer):
     return chain
 
 
+def host_int(value):
+    """An int read from a counter: a Variable (mirrored ones included) or the
+    computed `iterations` tensor of gradient accumulation."""
+    numpy = getattr(value, "numpy", None)
+    return int(np.asarray(numpy() if numpy is not None else ops.convert_to_numpy(value)))
+
+
 def _variables_at(by_path, path):
     """The variables whose path is `path`, allowing for how Keras names
     variables after loading: a reloaded Sequential model drops the model-name
@@ -691,7 +698,7 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         """
         if not isinstance(self.policy, str):
             return False
-        return int(self.iterations.numpy()) % self.probe_every == 0
+        return host_int(self.iterations) % self.probe_every == 0
 
     def _check_lambda_max(self, lambda_max):
         if not isinstance(lambda_max, dict) or set(lambda_max) != set(self.mat_state):

@@ -33,7 +33,7 @@ from keras import ops, tree
 
 from keras_mat import backends, flops, ntk
 from keras_mat.groups import discover_groups, get_groups
-from keras_mat.optimizer import ModularAdaptiveOptimizer
+from keras_mat.optimizer import ModularAdaptiveOptimizer, host_int
 
 #: Probe samples of measurement-only mode (a plain optimizer).
 DEFAULT_PROBE_SAMPLES = 16
@@ -225,7 +225,7 @@ def measure(model, x_probe, y_probe=None, ntk_output=None):
         opt.update_masks(lam)
     elif opt.policy is not None and not isinstance(opt.policy, str):
         backends.trainer().sync_state(model)
-        opt.follow_schedule(int(opt.iterations.numpy()))
+        opt.follow_schedule(host_int(opt.iterations))
     return sync_trainable(model)
 
 
@@ -423,7 +423,7 @@ class MATCallback(keras.callbacks.Callback):
             tree.map_structure(ops.convert_to_tensor, px),
             None if py is None else tree.map_structure(ops.convert_to_tensor, py),
         )
-        self._step = int(opt.iterations.numpy()) if opt is not None else 0
+        self._step = host_int(opt.iterations) if opt is not None else 0
         self._first_step = self._step
         self._compiles = backends.trainer().compiles_train_step(model)
         self._step_seconds = None
@@ -715,7 +715,7 @@ class MATCallback(keras.callbacks.Callback):
 
     def _emit(self, lam, masks, frozen):
         measurement = (
-            int(self._opt.num_measurements.numpy()) - 1
+            host_int(self._opt.num_measurements) - 1
             if self._opt is not None
             else self._measurement
         )
