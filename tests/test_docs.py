@@ -1,13 +1,20 @@
 """The user-facing text: the README's first screen, the docs and the examples speak of the
 project only, and their links resolve."""
 
+import ast
 import inspect
 import os
 import re
+import subprocess
+import sys
+
+import keras
+import pytest
 
 import keras_mat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FASHION_MNIST = os.path.join(ROOT, "..", "shared", "data", "keras_home", "datasets", "fashion-mnist")
 
 
 def _user_files():
@@ -58,3 +65,36 @@ def test_api_page_covers_every_public_name():
     ]
     missing = [n for n in names if f"## `keras_mat.{n}`" not in page]
     assert not missing, f"run `make docs` to add {missing} to docs/api.md"
+
+
+@pytest.mark.skipif(
+    not os.path.isdir(FASHION_MNIST),
+    reason="needs the offline Fashion-MNIST copy beside the repository (keras.datasets would download it)",
+)
+def test_readme_example_runs(tmp_path):
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    code = re.search(r"```python\n(.*?)```", text, re.DOTALL).group(1)
+    # The README's code as written, on fewer samples and steps.
+    for old, new in (
+        ("6000", "256"),
+        ("1000", "64"),
+        ("epochs=3", "epochs=2"),
+        ("probe_every=20", "probe_every=2"),
+    ):
+        assert old in code, old
+        code = code.replace(old, new)
+    home = tmp_path / "keras_home"
+    (home / "datasets").mkdir(parents=True)
+    os.symlink(os.path.realpath(FASHION_MNIST), home / "datasets" / "fashion-mnist")
+    env = dict(
+        os.environ, KERAS_HOME=str(home), KERAS_BACKEND=keras.config.backend(), TF_CPP_MIN_LOG_LEVEL="3"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = ast.literal_eval(proc.stdout.strip().splitlines()[-1])  # the printed History dict
+    for key in ("mat_active", "mat_frozen", "mat_gflop_trained", "mat_gflop_probes", "mat_gflop_executed"):
+        assert len(history[key]) == 2, key
+    assert min(history["mat_active"]) < 1.0  # masks changed
+    assert os.path.getsize(tmp_path / "lambda.png") > 1000
