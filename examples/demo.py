@@ -160,7 +160,7 @@ def rand_fractions(rows, kinds):
     return fractions
 
 
-def run(task, build, train, val, args, batch_size, lr, extra_metrics=()):
+def run(task, build, train, val, args, batch_size, lr):
     """Trains plain, MAT and Rand from the same weights; returns {variant: record} and the
     MAT callback."""
     records, mat_callback = {}, None
@@ -197,7 +197,7 @@ def run(task, build, train, val, args, batch_size, lr, extra_metrics=()):
         model.compile(
             optimizer=optimizer,
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy", *extra_metrics],
+            metrics=["accuracy"],
         )
         start = time.perf_counter()
         history = model.fit(
