@@ -74,14 +74,35 @@ def read_log_csv(path):
     return rows
 
 
+def _checked(rows):
+    """The rows with the columns `plot_lambda` reads, as numbers (family as text)."""
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise TypeError(f"plot_lambda: each row must be a dict. Received: row {i} = {row!r}")
+        missing = [c for c in REQUIRED_COLUMNS if c not in row]
+        if missing:
+            raise ValueError(f"plot_lambda: row {i} has no {missing}. Received: row {i} = {row!r}")
+        clean = {"family": str(row["family"])}
+        for column in ("step", "module", "lambda_max", "active", "frozen"):
+            try:
+                clean[column] = float(row[column]) if column == "lambda_max" else int(row[column])
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"plot_lambda: `{column}` of row {i} is not a number. Received: {column}={row[column]!r}"
+                ) from None
+        out.append(clean)
+    return out
+
+
 def _load_rows(source):
     if isinstance(source, (str, os.PathLike)):
-        return read_log_csv(source)
+        return _checked(read_log_csv(source))
     if isinstance(source, (list, tuple)):
-        return list(source)
+        return _checked(source)
     rows = getattr(source, "rows", None)  # a MATCallback
     if isinstance(rows, list):
-        return rows
+        return _checked(rows)
     raise TypeError(
         "plot_lambda takes a MATCallback, the path of its CSV file, or a list of its rows. "
         f"Received: source of type {type(source).__name__}"
@@ -114,8 +135,10 @@ def plot_lambda(source, path=None, title=None, log_scale=True):
         The `matplotlib.figure.Figure`.
 
     Raises:
-        ValueError: if the source holds no measurement, or its CSV is
+        ValueError: if the source holds no measurement, a row lacks a column
+            or holds a value that is not a number, or the CSV file is
             incomplete (see `read_log_csv`).
+        TypeError: if `source` or `path` is of an unsupported type.
 
     Example:
 
@@ -130,18 +153,22 @@ def plot_lambda(source, path=None, title=None, log_scale=True):
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
+    if path is not None and not isinstance(path, (str, os.PathLike)) and not hasattr(path, "write"):
+        raise TypeError(
+            f"`path` must be a file path, a writable file object or None. Received: path={path!r}"
+        )
     rows = _load_rows(source)
     if not rows:
         raise ValueError(f"plot_lambda: no measurement to plot. Received: {len(rows)} rows")
-    modules = sorted({(r["family"], int(r["module"])) for r in rows})
-    steps = sorted({int(r["step"]) for r in rows})
+    modules = sorted({(r["family"], r["module"]) for r in rows})
+    steps = sorted({r["step"] for r in rows})
     mi = {m: i for i, m in enumerate(modules)}
     si = {s: i for i, s in enumerate(steps)}
     lam = np.full((len(modules), len(steps)), np.nan)
     active = np.ones_like(lam, dtype=bool)
     frozen = np.zeros_like(lam, dtype=bool)
     for r in rows:
-        i, j = mi[(r["family"], int(r["module"]))], si[int(r["step"])]
+        i, j = mi[(r["family"], r["module"])], si[r["step"]]
         lam[i, j] = r["lambda_max"]
         active[i, j] = bool(r["active"])
         frozen[i, j] = bool(r["frozen"])

@@ -123,6 +123,14 @@ def test_rejects_empty_and_unknown_sources():
         plot_lambda([])
     with pytest.raises(TypeError, match="Received: source of type int"):
         plot_lambda(3)
+    with pytest.raises(ValueError, match=r"row 0 has no \['family', 'module'"):
+        plot_lambda([{"step": 0}])
+    bad = _rows()
+    bad[4] = dict(bad[4], lambda_max="x")
+    with pytest.raises(ValueError, match="`lambda_max` of row 4 is not a number. Received: lambda_max='x'"):
+        plot_lambda(bad)
+    with pytest.raises(TypeError, match="Received: path=3"):
+        plot_lambda(_rows(), path=3)
 
 
 def test_leaves_the_user_backend_and_pyplot_alone():
