@@ -332,6 +332,8 @@ class GraphPlan:
                 if kind == "dense" or (kind == "conv" and layer.groups == 1) or role == "pointwise":
                     a2, d2, kshape = _matmul_form(layer, kind, role, a, d)
                     gram = _identity_gram(a2, d2, rows_per_sample, axis, num, kshape, max_bytes)
+                    if gram is None and axis == len(var.shape) - 1 and num == kshape[1]:
+                        gram = _per_output_gram(a2, d2)
                     if gram is None:
                         jac = ops.reshape(_matmul_grad(a2, d2), (-1,) + tuple(var.shape))
                         gram = module_gram(jac, axis, num)
@@ -422,6 +424,15 @@ def _matmul_grad(a2, d2):
     g = ops.matmul(ops.transpose(a2, (0, 2, 1)), dd)  # (n, K, R*C)
     g = ops.reshape(g, (n, -1, r, c))
     return ops.reshape(ops.transpose(g, (0, 2, 1, 3)), (n * r, -1, c))
+
+
+def _per_output_gram(a2, d2):
+    """One module per output channel (a conv filter): the per-sample
+    gradients laid out `(C, n*R, K)`, then one batched matmul."""
+    r, n, s, c = d2.shape
+    g = ops.einsum("nsk,rnsc->cnrk", a2, d2)
+    g = ops.reshape(g, (c, n * r, -1))
+    return ops.matmul(g, ops.transpose(g, (0, 2, 1)))
 
 
 def _identity_gram(a2, d2, rows, axis, num, kshape, max_bytes):
