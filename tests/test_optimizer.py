@@ -638,3 +638,46 @@ def test_subset_apply_equals_masked_full_apply(name):
     # Every apply counts as a step (the iterations of an accumulating optimizer count updates).
     assert int(ops.convert_to_numpy(sub_o.iterations)) == int(ops.convert_to_numpy(full_o.iterations))
     assert int(ops.convert_to_numpy(sub_o.inner_optimizer._iterations)) == 3
+
+
+@pytest.mark.parametrize("stateless", [False, True])
+def test_skipped_variables_subset_apply(stateless):
+    # Variables made non-trainable while all their modules are off: the train
+    # step hands over only the trainable ones (JAX: to `stateless_apply`).
+    # Both ways equal a full masked apply, and leave the skipped variables and
+    # their slots bit for bit.
+    rng = np.random.default_rng(2)
+    full_m, sub_m = make_model(), make_model()
+    full_o, sub_o = wrap(keras.optimizers.Adam(0.01)), wrap(keras.optimizers.Adam(0.01))
+    full_o.build(full_m.trainable_variables)
+    sub_o.build(sub_m.trainable_variables)
+    masks = {g.name: np.asarray([not g.name.startswith("mha")] * g.num_modules) for g in full_o.families}
+    full_o.set_masks(masks)
+    sub_o.set_masks(masks)
+    assert sub_o._set_skipped(sub_o.skippable_variables())
+    skipped = {id(v) for v in sub_o.skipped_variables}
+    assert skipped and all(not v.trainable for v in sub_o.skipped_variables)
+    live = [v for v in sub_o._trainable_variables if id(v) not in skipped]
+    assert [v.path for v in sub_m.trainable_variables] == [v.path for v in live]
+    for _ in range(2):
+        grads = random_grads(full_m, rng)
+        full_o.apply(grads, full_m.trainable_variables)
+        sub_grads = [g for g, v in zip(grads, sub_o._trainable_variables) if id(v) not in skipped]
+        before = values(sub_o.skipped_variables)
+        if stateless:
+            new_t, new_o = sub_o.stateless_apply(
+                [v.value for v in sub_o.variables], sub_grads, [v.value for v in live]
+            )
+            for v, value in zip(live, new_t):
+                v.assign(value)
+            for v, value in zip(sub_o.variables, new_o):
+                v.assign(value)
+        else:
+            sub_o.apply(sub_grads, live)
+        for a, b in zip(before, values(sub_o.skipped_variables)):
+            np.testing.assert_array_equal(a, b)
+        for a, b in zip(values(full_m.trainable_variables), values(sub_o._trainable_variables)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+        for a, b in zip(values(full_o.inner_optimizer.variables), values(sub_o.inner_optimizer.variables)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert sub_o._set_skipped([]) and all(v.trainable for v in sub_o._trainable_variables)
