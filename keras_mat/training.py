@@ -423,8 +423,7 @@ class MATCallback(keras.callbacks.Callback):
             tree.map_structure(ops.convert_to_tensor, px),
             None if py is None else tree.map_structure(ops.convert_to_tensor, py),
         )
-        self._step = host_int(opt.iterations) if opt is not None else 0
-        self._first_step = self._step
+        self._started = False  # the step counter is read at the first batch
         self._compiles = backends.trainer().compiles_train_step(model)
         self._step_seconds = None
         self._last_time = None
@@ -466,8 +465,6 @@ class MATCallback(keras.callbacks.Callback):
                     f"tensorboard. Received: tensorboard_dir={self.tensorboard_dir!r}"
                 ) from err
             self._writer = tf.summary.create_file_writer(self.tensorboard_dir)
-        if opt is not None:
-            self._apply_skip(self._steps_left())
 
     def _warn(self, key, message):
         if key not in self._warned:
@@ -482,7 +479,20 @@ class MATCallback(keras.callbacks.Callback):
         # A measurement falls in the coming `steps` optimizer steps.
         return (-self._step) % self._every < steps
 
+    def _start(self):
+        # At the first batch rather than in on_train_begin: a callback listed
+        # before this one (keras.callbacks.BackupAndRestore) may restore the
+        # optimizer's step and MAT state in its own on_train_begin.
+        self._started = True
+        opt = self._opt
+        self._step = host_int(opt.iterations) if opt is not None else 0
+        self._first_step = self._step
+        if opt is not None:
+            self._apply_skip(self._steps_left())
+
     def on_train_batch_begin(self, batch, logs=None):
+        if not self._started:
+            self._start()
         spe = int(self.model.steps_per_execution or 1)
         now = time.perf_counter()
         if self._measures and self._due(spe):
