@@ -231,3 +231,72 @@ def test_non_finite_measurement_is_skipped_not_fatal():
             np.ones((8, 6), "float32"), np.ones((8, 3), "float32"), batch_size=4, verbose=0, callbacks=[mat]
         )
     assert mat.rows == []
+
+
+def test_keras_hub_task_resumes_with_backup_and_restore(tmp_path):
+    # keras-hub tasks compile themselves, so `load_model` does not bring the
+    # optimizer back. The supported resume: rebuild the task, compile it with
+    # the same keras_mat optimizer, and fit with BackupAndRestore listed
+    # before MATCallback (weights, slots, masks and policy state come back).
+    import keras_hub
+
+    def task():
+        keras.utils.set_random_seed(0)
+        backbone = keras_hub.models.BertBackbone(
+            vocabulary_size=40,
+            num_layers=2,
+            num_heads=2,
+            hidden_dim=8,
+            intermediate_dim=16,
+            max_sequence_length=6,
+            dropout=0.0,
+        )
+        t = keras_hub.models.BertTextClassifier(backbone, num_classes=2, preprocessor=None, dropout=0.0)
+        keras_mat.annotate(t)
+        opt = keras_mat.wrap(
+            keras.optimizers.Adam(1e-2), alpha=0.5, beta=0.05, probe_every=2, probe_samples=4
+        )
+        t.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return t
+
+    rng = np.random.RandomState(0)
+    n = 16
+    x = {
+        "token_ids": rng.randint(1, 40, size=(n, 6)).astype("int32"),
+        "segment_ids": np.zeros((n, 6), "int32"),
+        "padding_mask": np.ones((n, 6), "int32"),
+    }
+    y = rng.randint(0, 2, n)
+    fit = dict(batch_size=4, epochs=3, verbose=0, shuffle=False)
+
+    straight = task()
+    log_a = keras_mat.MATCallback(x)
+    straight.fit(x, y, callbacks=[log_a], **fit)
+
+    class Crash(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 2:
+                raise RuntimeError("interrupted")
+
+    backup = str(tmp_path / "backup")
+    log_b = keras_mat.MATCallback(x)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        task().fit(x, y, callbacks=[keras.callbacks.BackupAndRestore(backup), log_b, Crash()], **fit)
+    resumed = task()
+    log_c = keras_mat.MATCallback(x)
+    resumed.fit(x, y, callbacks=[keras.callbacks.BackupAndRestore(backup), log_c], **fit)
+
+    assert {r["step"] for r in log_c.rows} == {8, 10}  # resumed at epoch 2 (steps 8..11)
+    key = lambda r: (r["step"], r["family"], r["module"])  # noqa: E731
+    a = sorted(log_a.rows, key=key)
+    b = sorted([r for r in log_b.rows if r["step"] < 8] + log_c.rows, key=key)
+    assert [(r["step"], r["active"], r["frozen"]) for r in a] == [
+        (r["step"], r["active"], r["frozen"]) for r in b
+    ]
+    np.testing.assert_allclose([r["lambda_max"] for r in a], [r["lambda_max"] for r in b], rtol=1e-4)
+    opt_a, opt_c = straight.optimizer, resumed.optimizer
+    assert int(opt_a.num_measurements.numpy()) == int(opt_c.num_measurements.numpy()) == 6
+    for va, vc in zip(straight.trainable_variables, resumed.trainable_variables):
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(va.value), keras.ops.convert_to_numpy(vc.value), rtol=1e-4, atol=1e-5
+        )
