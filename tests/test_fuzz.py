@@ -555,21 +555,18 @@ RAISES = [
         lambda: keras_mat.plot_lambda([{"step": 0}]),
         ValueError,
         "family",
-        _owner_xfail(NEWCOMER, "a row without 'family' raises KeyError"),
     ),
     _case(
         "plot-lambda-str",
         lambda: keras_mat.plot_lambda(_rows("x")),
         ValueError,
         "lambda_max",
-        _owner_xfail(NEWCOMER, "a non-numeric lambda_max raises float()'s message, naming no column"),
     ),
     _case(
         "plot-path-int",
         lambda: keras_mat.plot_lambda(_rows(), path=3),
         (ValueError, TypeError),
         "path=3",
-        _owner_xfail(NEWCOMER, "path=3 raises AttributeError inside PIL"),
     ),
     # ---- MATCallback ----------------------------------------------------------------
     _case("callback-x-None", lambda: keras_mat.MATCallback(None), ValueError, "x=None"),
