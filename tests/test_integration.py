@@ -300,3 +300,15 @@ def test_keras_hub_task_resumes_with_backup_and_restore(tmp_path):
         np.testing.assert_allclose(
             keras.ops.convert_to_numpy(va.value), keras.ops.convert_to_numpy(vc.value), rtol=1e-4, atol=1e-5
         )
+
+
+def test_custom_loop_example_runs():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(PACKAGE), "examples", "custom_loop.py")
+    spec = importlib.util.spec_from_file_location("custom_loop_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    opt = module.main(["--steps", "12", "--probe-every", "4", "--batch-size", "8"])
+    assert int(opt.num_measurements.numpy()) == 3
+    assert not opt.skipped_variables and all(v.trainable for v in opt._trainable_variables)
