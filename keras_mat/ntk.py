@@ -437,6 +437,13 @@ class Probe:
         conv = _conv_variables(model)
         self._generic_conv = any(id(self.variables[e[0]]) in conv for e in self.entries)
         self._xla = not self._generic_conv
+        # torch.func.vmap does not batch Keras's torch convolution (its
+        # channels-last copy); the per-sample pass then runs the graph with
+        # every known convolution as patches times kernel.
+        self._vmap_plan = None
+        if self.entries and conv and backends.name() == "torch":
+            plan = ntk_layers.GraphPlan(model, conv, kinds=ntk_layers.CONV_KINDS, patches=True)
+            self._vmap_plan = plan if plan else None
 
     # Kept for the training integration's cost accounting.
     @property
@@ -454,6 +461,7 @@ class Probe:
 
     def _single_fn(self, probe_pos, values):
         model, mode, loss_call, variables = self.model, self.mode, self.loss_call, self.variables
+        plan = self._vmap_plan
 
         def fn(probe_values, xi, yi):
             vals = list(values)
@@ -462,7 +470,10 @@ class Probe:
             xb = tree.map_structure(lambda t: ops.expand_dims(t, 0), xi)
             yb = tree.map_structure(lambda t: ops.expand_dims(t, 0), yi)
             with keras.StatelessScope(state_mapping=list(zip(variables, vals))):
-                out = _forward(model, xb)
+                if plan is None:
+                    out = _forward(model, xb)
+                else:
+                    out = plan.run(xb, lambda key, z: z, {})
             return ops.reshape(scalarize(out, yb, mode, loss_call), (-1,))
 
         return fn

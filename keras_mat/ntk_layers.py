@@ -174,7 +174,10 @@ class GraphPlan:
     covers. Empty when the model is not a Functional graph.
     """
 
-    def __init__(self, model, wanted, kinds=ALL_KINDS):
+    def __init__(self, model, wanted, kinds=ALL_KINDS, patches=False):
+        # `patches`: evaluate convolutions as patches times kernel (plain
+        # slicing and matmuls, which every vmap implementation batches).
+        self.patches = patches
         self.root = _functional_of(model)
         self.layers = {}
         self._by_layer = {}
@@ -258,6 +261,10 @@ class GraphPlan:
             z = ops.matmul(a, layer.kernel)
         elif kind == "einsum":
             z = ops.einsum(layer.equation, a, layer.kernel)
+        elif self.patches:
+            if kind == "conv" and layer.padding == "causal":
+                a = ops.pad(a, layer._compute_causal_padding())
+            z = _conv_by_patches(layer, kind, a)
         elif kind == "conv":
             padding = layer.padding
             if padding == "causal":
@@ -286,7 +293,12 @@ class GraphPlan:
             if "depthwise" in roles:
                 t = hook(key + "/dw", t)
             captures[key + "/pw"] = ops.stop_gradient(t)
-            z = ops.conv(t, layer.pointwise_kernel, strides=1, padding="valid", data_format=layer.data_format)
+            if self.patches:
+                z = ops.einsum("...c,co->...o", t, ops.reshape(layer.pointwise_kernel, (t.shape[-1], -1)))
+            else:
+                z = ops.conv(
+                    t, layer.pointwise_kernel, strides=1, padding="valid", data_format=layer.data_format
+                )
         captures[key] = ops.stop_gradient(a)
         if bias is not None:
             if kind in ("dense", "einsum") or layer.data_format == "channels_last":
@@ -401,6 +413,40 @@ def _patches(a, kernel_size, strides, padding, dilation):
 def _conv_patches(layer, a):
     padding = "valid" if layer.padding == "causal" else layer.padding  # (a is already padded)
     return _patches(a, layer.kernel_size, layer.strides, padding, layer.dilation_rate)
+
+
+def _conv_by_patches(layer, kind, a):
+    """The convolution (depthwise part only, for a separable one) of `a` as
+    patches times kernel; channels-last in and out when the layer is, else
+    channels-first."""
+    first = layer.data_format == "channels_first"
+    if first:
+        a = ops.moveaxis(a, 1, -1)
+    rank = len(layer.kernel_size)
+    spatial = tuple(a.shape[1 : 1 + rank])
+    p = _conv_patches(layer, a)  # (n, S, T, Cin)
+    n, s, t, cin = p.shape
+    if kind == "conv":
+        groups = layer.groups
+        kernel = ops.reshape(layer.kernel, (t, cin // groups, groups, -1))
+        p = ops.reshape(p, (n, s, t, groups, cin // groups))
+        z = ops.reshape(ops.einsum("nstgc,tcgo->nsgo", p, kernel), (n, s, -1))
+    else:
+        kernel = layer.kernel if kind == "depthwise" else layer.depthwise_kernel
+        kernel = ops.reshape(kernel, (t, cin, -1))
+        z = ops.reshape(ops.einsum("nstc,tcm->nscm", p, kernel), (n, s, -1))
+    out = _output_spatial(spatial, layer)
+    z = ops.reshape(z, (n,) + out + (z.shape[-1],))
+    return ops.moveaxis(z, -1, 1) if first else z
+
+
+def _output_spatial(spatial, layer):
+    out = []
+    padding = "valid" if layer.padding == "causal" else layer.padding
+    for length, k, s, dl in zip(spatial, layer.kernel_size, layer.strides, layer.dilation_rate):
+        span = (k - 1) * dl + 1
+        out.append(-(-length // s) if padding == "same" else (length - span) // s + 1)
+    return tuple(out)
 
 
 def _matmul_form(layer, kind, role, a, d):
