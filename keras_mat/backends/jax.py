@@ -103,26 +103,6 @@ def gram_operand(flat):
     return _constrain(flat, axis, P(None, P.UNCONSTRAINED, axis[1]))
 
 
-def eigenvalues(matrices):
-    """Ascending eigenvalues of a `(G, m, m)` stack of symmetric matrices.
-
-    On CPU, one matrix at a time: jaxlib's batched LAPACK `eigh` spreads the
-    batch over the intra-op thread pool and blocks on it, and when other
-    work of the step (or every device's copy of it, with
-    `--xla_force_host_platform_device_count` / `keras.distribution`) holds
-    the pool's threads at once, no thread is left: the step hangs (seen
-    with 4 devices on 2 cores, and with one device on a loaded 2-core
-    machine during a VGG probe). A batch of one runs inline. The matrices
-    are small (probe rows squared), so the serial solve costs little.
-    """
-    if _batch_axis() is not None:
-        # One gather of the (small) Grams, then the same solve on every device.
-        matrices = _constrain(matrices, _batch_axis(), jax.sharding.PartitionSpec())
-    if jax.default_backend() == "cpu" and matrices.shape[0] > 1:
-        return jax.lax.map(lambda m: jax.numpy.linalg.eigh(m)[0], matrices)
-    return jax.numpy.linalg.eigh(matrices)[0]
-
-
 def compile_probe(fn, xla=True):
     del xla
     return jax.jit(fn)

@@ -63,11 +63,6 @@ def gram_operand(flat):
     return flat
 
 
-def eigenvalues(matrices):
-    """Ascending eigenvalues of a `(G, m, m)` stack of symmetric matrices."""
-    return tf.linalg.eigvalsh(matrices)
-
-
 def compile_probe(fn, xla=True):
     # One trace per input signature (batch size included): a relaxed
     # signature would leave the batch size unknown (None) inside the probe.

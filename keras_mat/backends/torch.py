@@ -102,11 +102,6 @@ def gram_operand(flat):
     return flat
 
 
-def eigenvalues(matrices):
-    """Ascending eigenvalues of a `(G, m, m)` stack of symmetric matrices."""
-    return torch.linalg.eigvalsh(matrices)
-
-
 def compile_probe(fn, xla=True):
     del xla
     return fn
