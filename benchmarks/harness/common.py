@@ -13,7 +13,7 @@ Variants:
   (`keras_mat.flops`, every module trained) so that all variants share one
   FLOPs axis.
 - "mat": `keras_mat.annotate` + `keras_mat.wrap(optimizer_fn(), **mat_options)`
-  and a `MATLogger`.
+  and a `keras_mat.MATCallback` (measurements, masks, FLOPs counters, CSV log).
 - "rand": `keras_mat.RandomModules`, compute-matched to the MAT run: after
   each of MAT's measurements r it draws, per kind of module (heads, filters,
   experts, whole layers), as many modules as MAT had active of that kind,
@@ -55,7 +55,7 @@ import numpy as np
 
 import keras_mat
 from keras_mat import flops as flops_lib
-from keras_mat.training import find_mat_optimizer, step_cache_info
+from keras_mat.training import find_mat_optimizer
 
 VARIANTS = ("plain", "mat", "rand", "multirate")
 
@@ -79,10 +79,11 @@ class _Recorder(keras.callbacks.Callback):
     every step costs `step_flops(report, all modules trained)`.
     """
 
-    def __init__(self, metric, plain_step_flops=None):
+    def __init__(self, metric, plain_step_flops=None, mat_callback=None):
         super().__init__()
         self.metric = metric
         self.plain_step_flops = plain_step_flops
+        self.mat_callback = mat_callback
         self.epochs = []
         self.train_seconds = 0.0
         self.plain_flops = 0.0
@@ -105,9 +106,11 @@ class _Recorder(keras.callbacks.Callback):
         logs = logs or {}
         if self.plain_step_flops is not None:
             train = total = self.plain_flops
+        elif self.mat_callback is not None:  # its on_epoch_end ran first: counters are up to date
+            train = float(self.mat_callback.flops["train"])
+            total = train + float(self.mat_callback.flops["probe"])
         else:
-            train = float(logs.get("mat_train_flops", float("nan")))
-            total = float(logs.get("mat_total_flops", train))
+            train = total = float("nan")
         value = logs.get(self.metric)
         self.epochs.append(
             {
@@ -358,7 +361,7 @@ def compare(
     mat_options = dict(mat_options)
     probe_every = int(mat_options.get("probe_every", 100))
     annotate_kwargs = dict(annotate_kwargs or {})
-    records, mat_logger = {}, None
+    records, mat_log = {}, None
 
     def resolve(data):
         return data() if callable(data) and not isinstance(data, keras.utils.PyDataset) else data
@@ -370,7 +373,7 @@ def compare(
         val = resolve(val_data)
         inner = optimizer_fn()
         callbacks = []
-        plain_step = None
+        plain_step, mat_cb = None, None
         nominal_batch = _batch_size(train, batch_size)
         if name == "plain":
             optimizer = inner
@@ -381,14 +384,20 @@ def compare(
                 plain_step = float("nan")
         else:
             keras_mat.annotate(model, **annotate_kwargs)
+            # The callback drives MAT's measurements and the schedules' masks, and counts FLOPs;
+            # its probe set is the first training samples.
+            probe = train if not isinstance(train, tuple) else train[:2]
+            csv_path = os.path.join(out_dir, "mat_log.csv") if name == "mat" else None
+            mat_cb = keras_mat.MATCallback(*probe if isinstance(probe, tuple) else (probe,), csv_path=csv_path,
+                                           batch_size=nominal_batch)  # fmt: skip
+            callbacks.append(mat_cb)
             if name == "mat":
                 optimizer = keras_mat.wrap(inner, **mat_options)
-                mat_logger = keras_mat.MATLogger(os.path.join(out_dir, "mat_log.csv"))
-                callbacks.append(mat_logger)
+                mat_log = mat_cb
             else:
                 if name == "rand":
                     kinds = {g.name: g.kind for g in keras_mat.get_groups(model)}
-                    fractions = _rand_fractions(mat_logger, kinds, seed)
+                    fractions = _rand_fractions(mat_log, kinds, seed)
                     if not fractions:
                         raise ValueError(
                             "The MAT run logged no measurement, so Rand has no active fraction to match. "
@@ -403,7 +412,7 @@ def compare(
         ck.setdefault("loss", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         ck.setdefault("metrics", ["accuracy"])
         model.compile(optimizer=optimizer, **ck)
-        recorder = _Recorder(metric, plain_step)
+        recorder = _Recorder(metric, plain_step, mat_cb)
         callbacks.append(recorder)
         if verbose:
             print(f"\n=== {title + ': ' if title else ''}{name} ===", flush=True)
@@ -442,7 +451,7 @@ def compare(
                 model.jax_state_sync()
             opt = find_mat_optimizer(model.optimizer)
             record["final_active"] = {k: v.astype(int).tolist() for k, v in opt.masks.items()}
-            info = step_cache_info(model)
+            info = mat_cb.step_cache_info()
             # Compiled step variants (one per distinct set of fully-off variables) and how
             # often that set changed: each change costs a compile on JAX and TensorFlow.
             record["step_variants"] = int(info["num_compiles"])
@@ -457,9 +466,9 @@ def compare(
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(_json_safe({"metric": metric, "mode": mode, "records": records}), f, indent=1)
     _plot(records, metric, os.path.join(out_dir, "val_vs_flops.png"), title)
-    if mat_logger is not None and mat_logger.rows:
+    if mat_log is not None and mat_log.rows:
         keras_mat.plot_lambda(
-            mat_logger, os.path.join(out_dir, "lambda_max.png"), title=f"{title} MAT lambda_max"
+            mat_log, os.path.join(out_dir, "lambda_max.png"), title=f"{title} MAT lambda_max"
         )
     if verbose:
         print("\n" + header + table, flush=True)

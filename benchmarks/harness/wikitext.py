@@ -452,7 +452,7 @@ def prepare(args, build_model, title, drop_keys=()):
 
 
 def _read_log(path):
-    """`{measurement: {(family, module): (lambda_max, active)}}` from a MATLogger CSV."""
+    """`{measurement: {(family, module): (lambda_max, active)}}` from a MATCallback CSV (`csv_path`)."""
     import csv
 
     table = {}
