@@ -22,8 +22,12 @@ import sys
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "harness"))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
+
+
+import output  # noqa: E402  (benchmarks/harness/output.py)
 
 
 def mask_sets(groups):
@@ -89,11 +93,7 @@ def main(argv=None):
         f"(always-trained part {report.grad_weight_always / 1e9:.3f} G); "
         f"families: {', '.join(f'{g.name} ({g.num_modules})' for g in groups)}",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    output.emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "harness"))
 sys.path.insert(0, os.path.dirname(HERE))
 
+import output  # noqa: E402  (benchmarks/harness/output.py)
 import temporal  # noqa: E402  (benchmarks/harness/temporal.py)
 import wikitext  # noqa: E402  (benchmarks/harness/wikitext.py)
 
@@ -332,20 +333,8 @@ def main(argv=None):
         ]  # fmt: skip
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(_json_safe(out), f)
+        json.dump(output.json_safe(out), f)
     return out
-
-
-def _json_safe(x):
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if hasattr(x, "tolist"):
-        return np.asarray(x).tolist()
-    if isinstance(x, (int, float, str, bool)) or x is None:
-        return x
-    return str(x)
 
 
 if __name__ == "__main__":

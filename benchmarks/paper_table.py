@@ -25,9 +25,15 @@ import glob
 import json
 import os
 import re
+import sys
 from collections import defaultdict
 
 import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "harness"))
+
+
+import output  # noqa: E402  (benchmarks/harness/output.py)
 
 
 def load_runs(folder):
@@ -147,11 +153,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     runs = load_runs(args.folder)
     lines = bert_table(runs) if args.experiment == "bert" else vgg_table(runs)
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    output.emit(lines, args.out)
 
 
 if __name__ == "__main__":

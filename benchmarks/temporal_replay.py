@@ -36,7 +36,11 @@ import sys
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "harness"))
 sys.path.insert(0, os.path.dirname(HERE))
+
+
+import output  # noqa: E402  (benchmarks/harness/output.py)
 
 
 def load_log(path):
@@ -123,7 +127,9 @@ def main(argv=None):
                 periods.append(max(1, round(per_epoch * frac)))
             else:
                 periods.append(int(token))
-        for period, s in itertools.product(dict.fromkeys(periods), [float(v) for v in args.smoothings.split(",")]):
+        for period, s in itertools.product(
+            dict.fromkeys(periods), [float(v) for v in args.smoothings.split(",")]
+        ):
             lam_s = smooth(lam, s) if s else lam
             stat = statistic(lam_s, period)
             for beta in [float(b) for b in args.betas.split(",")]:
@@ -135,11 +141,7 @@ def main(argv=None):
                     f"{np.median(stat) if stat.size else float('nan'):.3g} | {r['stopped']:.2f} | "
                     f"{fmt(r['first'])} | {fmt(r['median'])} | {r['by_best']:.2f} |"
                 )
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    output.emit(lines, args.out)
 
 
 if __name__ == "__main__":
