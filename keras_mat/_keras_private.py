@@ -10,6 +10,10 @@ API.
 # `Layer.compute_output_spec` is per layer and does not run nested layers.
 from keras.src.backend import compute_output_spec  # noqa: F401
 
+# Keras-style mask propagation for the layer-factored probe, which runs a
+# Functional graph operation by operation as `Functional.call` does.
+from keras.src.backend.common.masking import get_keras_mask, set_keras_mask  # noqa: F401
+
 # Convolution families are recognised by their base classes (Conv1D/2D/3D and
 # their transpose, depthwise and separable variants share them); Keras exports
 # only the concrete classes.
@@ -17,6 +21,12 @@ from keras.src.layers.convolutional.base_conv import BaseConv  # noqa: F401
 from keras.src.layers.convolutional.base_conv_transpose import BaseConvTranspose  # noqa: F401
 from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv  # noqa: F401
 from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv  # noqa: F401
+
+# The Functional graph interpreter (the classes whose own `call` runs the
+# graph, and the per-operation call wrapper that passes `training`), for the
+# layer-factored probe's capture of grouped layers' inputs and output gradients.
+from keras.src.models.functional import Functional, operation_fn  # noqa: F401
+from keras.src.models.sequential import Sequential  # noqa: F401
 
 # Optimizer state kept in plain dicts must not be re-tracked by Keras's
 # attribute tracking (it would register every MAT state variable twice).

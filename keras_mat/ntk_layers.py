@@ -46,9 +46,7 @@ def _graph_internals():
     # Sequential classes (whose `call` must be Keras's own for the graph to be
     # the computation), the per-operation call wrapper that passes
     # `training`, and the mask propagation a Layer.__call__ would do.
-    from keras.src.backend.common.masking import get_keras_mask, set_keras_mask
-    from keras.src.models.functional import Functional, operation_fn
-    from keras.src.models.sequential import Sequential
+    from keras_mat._keras_private import Functional, Sequential, get_keras_mask, operation_fn, set_keras_mask
 
     return Functional, Sequential, operation_fn, get_keras_mask, set_keras_mask
 

@@ -23,6 +23,7 @@ import csv
 import math
 import os
 import sys
+import threading
 import time
 import types
 import warnings
@@ -31,7 +32,7 @@ import keras
 import numpy as np
 from keras import ops, tree
 
-from keras_mat import backends, flops, ntk
+from keras_mat import backends, flops, ntk, policy
 from keras_mat.groups import discover_groups, get_groups
 from keras_mat.optimizer import ModularAdaptiveOptimizer, host_int
 
@@ -187,7 +188,7 @@ def sync_trainable(model, variables=None):
     return changed
 
 
-def measure(model, x_probe, y_probe=None, ntk_output=None):
+def measure(model, x_probe, y_probe=None, ntk_output=None, total_steps=None):
     """One MAT measurement step for custom training loops.
 
     If the optimizer's `should_measure()` is true, measures `lambda_max` on
@@ -198,6 +199,9 @@ def measure(model, x_probe, y_probe=None, ntk_output=None):
         x_probe: The probe inputs (the same samples at every call).
         y_probe: Probe targets (needed for `ntk_output="loss"`).
         ntk_output: Overrides the optimizer's `ntk_output`.
+        total_steps: The planned number of optimizer steps, which sets the
+            clock of the temporal rule for `temporal="training"` (see
+            `keras_mat.policy.temporal_period`); `None` if unknown.
 
     Returns:
         True if the set of trainable variables changed (retrace a compiled
@@ -222,7 +226,10 @@ def measure(model, x_probe, y_probe=None, ntk_output=None):
         backends.trainer().sync_state(model)
         mode = ntk_output or opt.ntk_output
         lam = ntk.module_lambda_max(model, x_probe, y=y_probe, ntk_output=mode, groups=opt.families)
-        opt.update_masks(lam)
+        period = policy.temporal_period(
+            opt.temporal, opt.probe_every, total_steps, 1 if total_steps else None
+        )
+        opt.update_masks(lam, period=period)
     elif opt.policy is not None and not isinstance(opt.policy, str):
         backends.trainer().sync_state(model)
         opt.follow_schedule(host_int(opt.iterations))
@@ -234,12 +241,25 @@ def measure(model, x_probe, y_probe=None, ntk_output=None):
 # --------------------------------------------------------------------------------------
 
 
+def _lambda_from(probe, values, x, y):
+    # lambda_max of every family from given variable values (a snapshot).
+    grams = [
+        np.asarray(ops.convert_to_numpy(g), dtype=np.float64)
+        for g in probe._grams(values, x, y, compiled=True)
+    ]
+    sizes = [g.shape[0] for g in grams]
+    top = ntk.top_eigenvalues_numpy(np.concatenate(grams, axis=0))
+    starts = np.cumsum([0] + sizes)
+    return [top[a:b].astype(np.float32) for a, b in zip(starts[:-1], starts[1:])]
+
+
 def _optional_int(name, value, allow_none=True):
     if value is None and allow_none:
         return None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"`{name}` must be an int >= 1. Received: {name}={value!r}")
     return int(value)
+
 
 _FIELDS = (
     "step",
@@ -295,6 +315,12 @@ class MATCallback(keras.callbacks.Callback):
         recompile: `"auto"` (compile a skip set only when it pays),
             `"always"` or `"never"` (skip only what needs no new compile).
         max_cached_steps: Compiled train steps kept (one per skip set).
+        defer_first_measurement: On JAX, run the first measurement of a fit
+            (which compiles the probe) in a background thread on a snapshot
+            of the weights, and apply it before the next measurement is due;
+            only for a warm-up measurement (fewer than `warmup` taken so
+            far), which leaves every module active anyway. Set False to
+            measure synchronously.
         batch_size: Training batch size for the FLOPs counters. Defaults to
             the size of the first batch when `x` is batched data, else to
             32 (`fit`'s default).
@@ -322,6 +348,7 @@ class MATCallback(keras.callbacks.Callback):
         recompile="auto",
         max_cached_steps=8,
         batch_size=None,
+        defer_first_measurement=True,
     ):
         super().__init__()
         probe_samples = _optional_int("probe_samples", probe_samples)
@@ -352,6 +379,7 @@ class MATCallback(keras.callbacks.Callback):
         ):
             raise ValueError(f"`batch_size` must be an int >= 1. Received: batch_size={batch_size!r}")
         self.batch_size = batch_size
+        self.defer_first_measurement = bool(defer_first_measurement)
         self._first_batch = None
         self.rows = []
         self.flops = {"train": 0.0, "probe": 0.0, "executed": 0.0}
@@ -367,6 +395,7 @@ class MATCallback(keras.callbacks.Callback):
         self._cost = {}
         self._num_compiles = 0
         self._measurement = 0
+        self._probe_ready = False
 
     # ---------------------------------------------------------------------------------
     # Set-up
@@ -394,6 +423,12 @@ class MATCallback(keras.callbacks.Callback):
             self._probe_set = (px, py)
             self._first_batch = first or self._first_batch
         self._every = opt.probe_every if opt is not None else self.probe_every
+        if opt is not None and isinstance(opt.policy, str):
+            # The temporal rule's clock, from the planned length of this fit.
+            params = self.params or {}
+            self._period = policy.temporal_period(
+                opt.temporal, opt.probe_every, params.get("steps") or None, params.get("epochs") or None
+            )
         self._measures = opt is None or isinstance(opt.policy, str)
         self._schedule = opt is not None and opt.policy is not None and not isinstance(opt.policy, str)
         if self._schedule and model.steps_per_execution != 1:
@@ -424,6 +459,9 @@ class MATCallback(keras.callbacks.Callback):
             None if py is None else tree.map_structure(ops.convert_to_tensor, py),
         )
         self._started = False  # the step counter is read at the first batch
+        self._pending = None
+        self._in_flight = None
+        self._first_call = None
         self._compiles = backends.trainer().compiles_train_step(model)
         self._step_seconds = None
         self._last_time = None
@@ -490,24 +528,105 @@ class MATCallback(keras.callbacks.Callback):
         if opt is not None:
             self._apply_skip(self._steps_left())
 
+    # Per-step bookkeeping happens at the next step's begin (or the epoch's
+    # end), never in on_train_batch_end: a callback with a batch-end hook
+    # makes Keras wait for every step's logs and loses JAX's asynchronous
+    # dispatch.
     def on_train_batch_begin(self, batch, logs=None):
+        now = time.perf_counter()
         if not self._started:
             self._start()
+        else:
+            self._account(now)
         spe = int(self.model.steps_per_execution or 1)
-        now = time.perf_counter()
+        if self._pending is not None and (self._due(spe) or not self._pending[0].is_alive()):
+            self._finish_pending()
         if self._measures and self._due(spe):
             self._measure_now()
         elif self._schedule:
             backends.trainer().sync_state(self.model)
             if self._opt.follow_schedule(self._step):
                 self._apply_skip(1)
-        self._begin = time.perf_counter()
-        self._overhead = self._begin - now
+        cost = self._step_cost() if self._report is not None else None
+        self._in_flight = (time.perf_counter(), spe, cost)
+
+    def _account(self, now):
+        # The call that began last has finished: count its steps and FLOPs,
+        # and (when `now` is its successor's begin) time it.
+        if self._in_flight is None:
+            return
+        begin, spe, cost = self._in_flight
+        self._in_flight = None
+        if cost is not None:
+            self.flops["train"] += cost[0] * self._batch_size * spe
+            self.flops["executed"] += cost[1] * self._batch_size * spe
+        self._step += spe
+        if now is None:
+            return
+        seconds = (now - begin) / spe
+        if self._pending_compile is not None:
+            # The first call of a new variant compiled it.
+            key = self._pending_compile
+            self._pending_compile = None
+            base = self._step_seconds or 0.0
+            self._compile_seconds.append((tuple(sorted(key)), max((seconds - base) * spe, 0.0)))
+        elif self._first_call is None:
+            self._first_call = seconds * spe  # compiles the step the first time it runs
+        elif self._step_seconds is None:
+            self._step_seconds = seconds
+        else:
+            self._step_seconds = 0.9 * self._step_seconds + 0.1 * seconds
 
     def _measure_now(self):
-        model, opt = self.model, self._opt
+        model = self.model
         backends.trainer().sync_state(model)
+        if self._defer_first_measurement():
+            # The probe's first call compiles it (seconds). Measure on a
+            # snapshot of these weights in a thread while training goes on;
+            # the result is applied before the next measurement is due. A
+            # warm-up measurement leaves every module active, so applying it
+            # late changes nothing else.
+            # Real copies: the train step donates (deletes) the state's buffers.
+            values = [ops.copy(v) for v in self._probe._values()]
+            holder = {}
+
+            def work():
+                try:
+                    holder["lam"] = _lambda_from(self._probe, values, *self._probe_inputs)
+                except BaseException as err:  # re-raised on the training thread
+                    holder["error"] = err
+
+            thread = threading.Thread(target=work, name="keras_mat-probe", daemon=True)
+            thread.start()
+            self._pending = (thread, holder, self._step)
+            return
         lam = self._probe(*self._probe_inputs)
+        self._probe_ready = True
+        self._apply_measurement(lam, self._step)
+
+    def _defer_first_measurement(self):
+        if self._probe_ready or self.defer_first_measurement is False:
+            return False
+        if backends.name() != "jax" or keras.distribution.distribution() is not None:
+            return False  # (the distribution is thread-local state)
+        if not hasattr(self._probe, "_values") or not hasattr(self._probe, "_grams"):
+            return False
+        # Only a warm-up measurement (every module stays active, none stops)
+        # may be applied late without changing the training.
+        return self._opt is None or host_int(self._opt.num_measurements) < self._opt.warmup
+
+    def _finish_pending(self):
+        thread, holder, step = self._pending
+        thread.join()
+        self._pending = None
+        self._probe_ready = True
+        if "error" in holder:
+            raise holder["error"]
+        backends.trainer().sync_state(self.model)
+        self._apply_measurement(holder["lam"], step)
+
+    def _apply_measurement(self, lam, step):
+        opt = self._opt
         lam = {
             g.name: np.asarray(ops.convert_to_numpy(v), "float32") for g, v in zip(self._families_now, lam)
         }
@@ -522,11 +641,11 @@ class MATCallback(keras.callbacks.Callback):
             )
             return
         if opt is None:
-            self._emit(lam, None, None)
+            self._emit(lam, None, None, step)
             self._measurement += 1
             return
-        opt.update_masks(lam)
-        self._emit(lam, opt.masks, opt.frozen)
+        opt.update_masks(lam, period=self._period)
+        self._emit(lam, opt.masks, opt.frozen, step)
         self._apply_skip(self._steps_left())
 
     def _steps_left(self):
@@ -539,33 +658,6 @@ class MATCallback(keras.callbacks.Callback):
             remaining = total * epochs - (self._step - self._first_step)
             until_next = min(until_next, max(remaining, 1))
         return until_next
-
-    def on_train_batch_end(self, batch, logs=None):
-        end = time.perf_counter()
-        spe = int(self.model.steps_per_execution or 1)
-        seconds = (end - self._begin) / spe
-        if self._pending_compile is not None:
-            # The first call of a new variant compiled it.
-            key = self._pending_compile
-            self._pending_compile = None
-            base = self._step_seconds or 0.0
-            self._compile_seconds.append((tuple(sorted(key)), max(seconds * spe - base * spe, 0.0)))
-        elif self._step_seconds is None:
-            self._step_seconds = seconds
-        else:
-            self._step_seconds = 0.9 * self._step_seconds + 0.1 * seconds
-        if self._report is not None:
-            train, executed = self._step_cost()
-            self.flops["train"] += train * self._batch_size * spe
-            self.flops["executed"] += executed * self._batch_size * spe
-        self._step += spe
-        if logs is not None and self._opt is not None and self._families_now:
-            active, frozen = self._fractions
-            logs["mat_active"] = active
-            logs["mat_frozen"] = frozen
-            if self.show_flops and self._report is not None:
-                logs["mat_gflop_trained"] = self.flops["train"] / 1e9
-                logs["mat_gflop_probes"] = self.flops["probe"] / 1e9
 
     @property
     def _fractions(self):
@@ -595,6 +687,7 @@ class MATCallback(keras.callbacks.Callback):
         return out
 
     def on_epoch_end(self, epoch, logs=None):
+        self._account(None)
         if logs is not None and self._opt is not None:
             logs["mat_active"], logs["mat_frozen"] = self._fractions
         if self._report is None:
@@ -613,6 +706,8 @@ class MATCallback(keras.callbacks.Callback):
                 history.history.setdefault(key, []).append(value)
 
     def on_train_end(self, logs=None):
+        if self._pending is not None:
+            self._finish_pending()
         opt = self._opt
         if opt is not None and opt.skipped_variables:
             backends.trainer().sync_state(self.model)
@@ -706,9 +801,10 @@ class MATCallback(keras.callbacks.Callback):
             else:
                 step = self._step_seconds
                 compile_cost = max((c for _, c in self._compile_seconds), default=None)
+                if compile_cost is None and step is not None and self._first_call is not None:
+                    compile_cost = max(self._first_call - step, 0.0)  # the full step's own compile
                 if step is None or compile_cost is None:
-                    # Nothing measured yet: estimate a compile as 20 steps.
-                    compile_cost = 20.0 * (step or 0.0) if step is not None else math.inf
+                    compile_cost = math.inf  # nothing measured yet: keep the cached steps
                 saving = steps_left * (step or 0.0) * (self._ratio(best) - self._ratio(wanted))
                 if saving <= compile_cost:
                     choice = best
@@ -723,18 +819,14 @@ class MATCallback(keras.callbacks.Callback):
     # Records
     # ---------------------------------------------------------------------------------
 
-    def _emit(self, lam, masks, frozen):
-        measurement = (
-            host_int(self._opt.num_measurements) - 1
-            if self._opt is not None
-            else self._measurement
-        )
+    def _emit(self, lam, masks, frozen, step):
+        measurement = host_int(self._opt.num_measurements) - 1 if self._opt is not None else self._measurement
         new = []
         for fam, values in lam.items():
             for i, value in enumerate(np.asarray(values).reshape(-1)):
                 new.append(
                     {
-                        "step": self._step,
+                        "step": step,
                         "measurement": measurement,
                         "family": fam,
                         "module": i,
@@ -754,7 +846,7 @@ class MATCallback(keras.callbacks.Callback):
         if self._writer is not None:
             import tensorflow as tf
 
-            with self._writer.as_default(step=self._step):
+            with self._writer.as_default(step=step):
                 total = max(len(new), 1)
                 tf.summary.scalar("mat/active_fraction", sum(r["active"] for r in new) / total)
                 tf.summary.scalar("mat/frozen_fraction", sum(r["frozen"] for r in new) / total)

@@ -2,7 +2,7 @@
 
 Every backend module exposes the same small set of functions:
 
-- `per_sample_jacobians(fn, probe_values, x, y)`: for a pure single-sample
+- `per_sample_jacobians(fn, probe_values, x, y, key=None, split=True)`: for a pure single-sample
   function `fn(probe_values, x_i, y_i) -> (k,)`, the Jacobian of every sample's
   k outputs with respect to each probed value, as a list of arrays shaped
   `(n, k, *value.shape)`, in one vectorized pass where the backend allows.
@@ -12,8 +12,12 @@ Every backend module exposes the same small set of functions:
   products of a batched function, for the matrix-free method.
 - `gram_operand(flat)`: the `(rows, G, p)` block of a Gram contraction, laid
   out for it (JAX under `keras.distribution`: split over `p`; else as is).
-- `eigenvalues(matrices)`: ascending eigenvalues of a `(G, m, m)` stack of
-  symmetric matrices (JAX: one matrix at a time on a multi-device CPU).
+- `output_gradients(run, rows)`: for the layer-factored probe, the captured
+  layer inputs and the gradients at the grouped layers' outputs, one batched
+  backward pass per output row.
+- `split_samples(tree)`: the probe samples laid out like a training batch
+  (JAX under `keras.distribution`: split over the batch axis).
+- `snapshot(variable)`: the variable's current value, for a probe pass.
 - `scalar_grad(fn, values)`: plain gradient of a scalar function (used by the
   slow reference only).
 """
