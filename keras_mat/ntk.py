@@ -40,7 +40,7 @@ DEFAULT_MAX_PROBE_BYTES = 1 << 30
 
 
 def _check_option(name, value, allowed):
-    if value not in allowed:
+    if not isinstance(value, (str, type(None))) or value not in allowed:
         raise ValueError(f"`{name}` must be one of {allowed}. Received: {name}={value!r}")
 
 
@@ -99,6 +99,10 @@ def resolve_groups(model, groups=None):
         groups = get_groups(model)
         if groups is None:
             groups = discover_groups(model)
+    if isinstance(groups, ModuleGroup):
+        groups = [groups]
+    if isinstance(groups, (str, bytes)) or not hasattr(groups, "__iter__"):
+        raise ValueError(f"`groups` must be a list of ModuleGroup. Received: groups={groups!r}")
     groups = list(groups)
     for g in groups:
         if not isinstance(g, ModuleGroup):
@@ -810,12 +814,20 @@ def module_lambda_max(
 
 def _prepare(model, x, y, groups, ntk_output, caller):
     _check_option("ntk_output", ntk_output, NTK_OUTPUTS)
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(f"`model` must be a Keras model. Received: model={model!r}")
     if not model.built:
         raise ValueError(f"{caller} needs a built model. Received: model={model.name!r} (not built)")
     _batch_size(x)
     _check_input_shapes(model, x)
     groups = resolve_groups(model, groups)
     mode = resolve_ntk_output(model, x, ntk_output)
+    if y is not None and mode == "loss":
+        n, m = _batch_size(x), _batch_size(y, "y")
+        if n != m:
+            raise ValueError(
+                f"`y` must hold one target per probe sample ({n}). Received: y of batch size {m}"
+            )
     if mode == "loss":
         if y is None:
             raise ValueError("ntk_output='loss' needs targets `y`. Received: y=None")

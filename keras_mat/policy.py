@@ -390,6 +390,15 @@ def initial_state(num_modules):
     >>> [tuple(m.shape) for m in state.masks]
     [(4,), (2,)]
     """
+    if isinstance(num_modules, (str, bytes)) or not isinstance(num_modules, Sequence):
+        raise ValueError(
+            f"`num_modules` must be a list of ints, one per family. Received: num_modules={num_modules!r}"
+        )
+    for g in num_modules:
+        if not isinstance(g, numbers.Integral) or isinstance(g, bool) or g < 1:
+            raise ValueError(
+                f"Every entry of `num_modules` must be an int >= 1. Received: num_modules={list(num_modules)!r}"
+            )
     sizes = [int(g) for g in num_modules]
     return PolicyState(
         masks=[ops.ones((g,), "float32") for g in sizes],
