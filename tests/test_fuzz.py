@@ -3,9 +3,7 @@
 Each case either raises a clear error (a ValueError or TypeError, or the
 standard error the docstring names, whose message names the argument) or
 shows the documented behaviour; never an internal traceback from deep inside
-a library. Cases that currently fail are marked `xfail(strict=True)` with the
-owner of the function in the reason: once fixed they turn into failures, and
-the mark must go.
+a library.
 """
 
 import functools
@@ -72,16 +70,6 @@ def _truncated_csv(tmp_path):
         "20,2,d,0,3."
     )
     return path
-
-
-def _owner_xfail(owner, why):
-    return pytest.mark.xfail(strict=True, reason=f"{owner}: {why}")
-
-
-LEAD = "lead (optimizer.py / training.py)"
-PROBE = "probe helper (ntk.py)"
-EXPERIMENTS = "experiments helper (policy.py)"
-NEWCOMER = "newcomer helper (plotting.py)"
 
 
 def _case(id, call, errors=(ValueError, TypeError), match=None, marks=()):
