@@ -852,12 +852,15 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         values[i] = ops.cast(new.measurement, values[i].dtype)
         return values
 
-    def follow_schedule(self, step):
+    def follow_schedule(self, step, before_write=None):
         """Writes the masks of a mask schedule (`policy=RandomModules(...)`,
         `Multirate(...)`) for optimizer step `step`.
 
         Args:
             step: The optimizer step the masks are for (an int).
+            before_write: Optional callable run just before the masks are
+                written, only when they change (on JAX inside `fit`:
+                `model.jax_state_sync`).
 
         Returns:
             True if the masks changed.
@@ -874,6 +877,8 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         written = getattr(self, "_schedule_written", None)
         if written is not None and all(np.array_equal(a, b) for a, b in zip(masks, written)):
             return False
+        if before_write is not None:
+            before_write()
         for s, m in zip(self._state_list, masks):
             s["mask"].assign(np.asarray(m, "float32"))
         self._schedule_written = [np.array(m) for m in masks]

@@ -382,7 +382,8 @@ class MATCallback(keras.callbacks.Callback):
         self.defer_first_measurement = bool(defer_first_measurement)
         self._first_batch = None
         self.rows = []
-        self.flops = {"train": 0.0, "probe": 0.0, "executed": 0.0}
+        self._flops = {"train": 0.0, "probe": 0.0, "executed": 0.0}
+        self._in_flight = None
         self._probe_set = None
         self._probe_key = None
         self._writer = None
@@ -504,6 +505,20 @@ class MATCallback(keras.callbacks.Callback):
                 ) from err
             self._writer = tf.summary.create_file_writer(self.tensorboard_dir)
 
+    @property
+    def flops(self):
+        """Cumulative analytic FLOPs of this callback's training so far: a
+        dict with `train` (forward, backward and the weight gradients of
+        updated modules, as MAT counts them), `probe` (the measurements) and
+        `executed` (what the steps ran: a variable's whole weight gradient
+        while any module of it trains). The step in flight counts."""
+        out = dict(self._flops)
+        if self._in_flight is not None and self._in_flight[2] is not None:
+            _, spe, cost = self._in_flight
+            out["train"] += cost[0] * self._batch_size * spe
+            out["executed"] += cost[1] * self._batch_size * spe
+        return out
+
     def _warn(self, key, message):
         if key not in self._warned:
             self._warned.add(key)
@@ -544,8 +559,8 @@ class MATCallback(keras.callbacks.Callback):
         if self._measures and self._due(spe):
             self._measure_now()
         elif self._schedule:
-            backends.trainer().sync_state(self.model)
-            if self._opt.follow_schedule(self._step):
+            sync = lambda: backends.trainer().sync_state(self.model)  # noqa: E731
+            if self._opt.follow_schedule(self._step, before_write=sync):
                 self._apply_skip(1)
         cost = self._step_cost() if self._report is not None else None
         self._in_flight = (time.perf_counter(), spe, cost)
@@ -558,8 +573,8 @@ class MATCallback(keras.callbacks.Callback):
         begin, spe, cost = self._in_flight
         self._in_flight = None
         if cost is not None:
-            self.flops["train"] += cost[0] * self._batch_size * spe
-            self.flops["executed"] += cost[1] * self._batch_size * spe
+            self._flops["train"] += cost[0] * self._batch_size * spe
+            self._flops["executed"] += cost[1] * self._batch_size * spe
         self._step += spe
         if now is None:
             return
@@ -631,7 +646,7 @@ class MATCallback(keras.callbacks.Callback):
             g.name: np.asarray(ops.convert_to_numpy(v), "float32") for g, v in zip(self._families_now, lam)
         }
         if self._report is not None:
-            self.flops["probe"] += self._probe_cost
+            self._flops["probe"] += self._probe_cost
         finite = all(np.all(np.isfinite(v)) for v in lam.values())
         if not finite:
             self._warn(
