@@ -130,7 +130,9 @@ def train(args, scope, strategy=None):
         # MATCallback measures on the first probe_samples training samples, the same
         # fixed probe set for every replica.
         mat = keras_mat.MATCallback(x)
-        model.fit(x, y, batch_size=args.batch_size, epochs=1, shuffle=False, verbose=0, callbacks=[mat, Record()])
+        model.fit(
+            x, y, batch_size=args.batch_size, epochs=1, shuffle=False, verbose=0, callbacks=[mat, Record()]
+        )
     state = [s[k] for s in optimizer.mat_state.values() for k in s] + [optimizer.num_measurements]
     checked = state + list(model.trainable_variables) + list(optimizer.inner_optimizer.variables)
     return {

@@ -98,7 +98,9 @@ def test_conv1d_depthwise_separable():
     pointwise = 2.0 * B * 1 * 5 * 6
     f = depthwise + pointwise
     assert _entry(report, "sep") == (f, f, f)
-    np.testing.assert_allclose(report.families["sep/depthwise"], [depthwise / 6] * 6)  # one filter per channel
+    np.testing.assert_allclose(
+        report.families["sep/depthwise"], [depthwise / 6] * 6
+    )  # one filter per channel
     np.testing.assert_allclose(report.families["sep/filters"], [pointwise / 5] * 5)
     np.testing.assert_allclose(report.families["dw/filters"], [2.0 * B * 3 * 6 * 2 / 3] * 3)
 
