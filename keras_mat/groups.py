@@ -550,8 +550,8 @@ def discover_groups(
 
     >>> model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3),
     ...                           keras.layers.Flatten(), keras.layers.Dense(2)])
-    >>> [(g.name, g.kind, g.num_modules) for g in discover_groups(model)]
-    [('conv2d/filters', 'filter', 4)]
+    >>> [(g.kind, g.num_modules) for g in discover_groups(model)]
+    [('filter', 4)]
     """
     _check_model(model, "discover_groups()")
     include, conv_modules, excluded_layers, patterns = _check_discovery_options(

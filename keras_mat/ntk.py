@@ -790,6 +790,7 @@ def module_lambda_max(
     Example:
 
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    >>> _ = keras_mat.annotate(model, dense=True)  # the Dense layer as one module
     >>> lam = module_lambda_max(model, np.ones((8, 4), "float32"))
     >>> [v.shape for v in lam.values()]
     [(1,)]
@@ -890,6 +891,7 @@ def module_spectrum(
     Example:
 
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    >>> _ = keras_mat.annotate(model, dense=True)
     >>> spec = module_spectrum(model, np.ones((8, 4), "float32"), top_k=2)
     >>> [s["eigenvalues"].shape for s in spec.values()]
     [(1, 2)]
