@@ -22,11 +22,11 @@ from keras.src.layers.convolutional.base_conv_transpose import BaseConvTranspose
 from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv  # noqa: F401
 from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv  # noqa: F401
 
-# The Functional graph interpreter (the classes whose own `call` runs the
+# The Functional graph interpreter (the class whose own `call` runs the
 # graph, and the per-operation call wrapper that passes `training`), for the
-# layer-factored probe's capture of grouped layers' inputs and output gradients.
+# layer-factored probe's capture of grouped layers' inputs and output gradients;
+# Keras exports `Sequential` but not `Functional`.
 from keras.src.models.functional import Functional, operation_fn  # noqa: F401
-from keras.src.models.sequential import Sequential  # noqa: F401
 
 # Optimizer state kept in plain dicts must not be re-tracked by Keras's
 # attribute tracking (it would register every MAT state variable twice).

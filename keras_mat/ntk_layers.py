@@ -46,9 +46,9 @@ def _graph_internals():
     # Sequential classes (whose `call` must be Keras's own for the graph to be
     # the computation), the per-operation call wrapper that passes
     # `training`, and the mask propagation a Layer.__call__ would do.
-    from keras_mat._keras_private import Functional, Sequential, get_keras_mask, operation_fn, set_keras_mask
+    from keras_mat._keras_private import Functional, get_keras_mask, operation_fn, set_keras_mask
 
-    return Functional, Sequential, operation_fn, get_keras_mask, set_keras_mask
+    return Functional, keras.Sequential, operation_fn, get_keras_mask, set_keras_mask
 
 
 def layer_kind(layer):
