@@ -732,29 +732,52 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
             raise ValueError(f"`period` must be an int >= 1. Received: period={period!r}")
         return int(period)
 
-    def _policy_update(self, lam, state, measurement, period, compiled=False):
+    def _policy_fn(self, period, compiled):
+        # One measurement on the flat layout: `lam` is the (M,) concatenation
+        # of every family's lambda_max and `state` five (M,) vectors.
         scopes = policy_lib.scope_ids([g.kind for g in self.families], self.threshold_scope)
+        layout = policy_lib.module_scopes(self._family_sizes, scopes)
         alpha, beta, warmup = self.alpha, self.beta, self.warmup
 
         def pure(lam, state, measurement):
             old = policy_lib.PolicyState(*state, measurement=ops.cast(measurement, "int32"))
-            lam = [ops.cast(v, "float32") for v in lam]
-            new = policy_lib.policy_update(lam, old, alpha, beta, scopes, warmup=warmup, period=period)
+            lam = ops.cast(lam, "float32")
+            new = policy_lib.policy_update_flat(lam, old, alpha, beta, layout, warmup=warmup, period=period)
             return tuple(new[:5]), new.measurement, lam
 
-        if compiled:
-            # Eagerly, the policy is a few hundred tiny ops: one compiled
-            # function runs them at once, shared by every optimizer of the
-            # same configuration in the process.
-            key = (backends.name(), tuple(scopes), alpha, beta, warmup, period, tuple(self._family_sizes))
-            if key not in _COMPILED_POLICIES:
-                _COMPILED_POLICIES[key] = backends.get().compile_probe(pure, xla=True)
-            pure = _COMPILED_POLICIES[key]
-        lam = [
-            ops.convert_to_tensor(np.asarray(v, "float32")) if isinstance(v, np.ndarray) else v for v in lam
-        ]
-        masks, measurement, lam = pure(lam, [list(x) for x in state], measurement)
+        if not compiled:
+            return pure
+        # Eagerly the policy is a few dozen tiny ops: one compiled function
+        # runs them at once, shared by every optimizer of the same
+        # configuration in the process.
+        key = (backends.name(), tuple(scopes), alpha, beta, warmup, period, tuple(self._family_sizes))
+        if key not in _COMPILED_POLICIES:
+            _COMPILED_POLICIES[key] = backends.get().compile_probe(pure, xla=True)
+        return _COMPILED_POLICIES[key]
+
+    def _policy_update(self, lam, state, measurement, period, compiled=False):
+        masks, measurement, lam = self._policy_fn(period, compiled)(lam, list(state), measurement)
         return policy_lib.PolicyState(*masks, measurement=measurement), lam
+
+    def _host_policy_inputs(self):
+        sv = self._state_list
+        state = [
+            np.concatenate([np.asarray(ops.convert_to_numpy(s[k].value), "float32") for s in sv])
+            for k in _POLICY_KEYS
+        ]
+        return state, np.asarray(ops.convert_to_numpy(self.num_measurements.value))
+
+    def _policy_warmer(self, period=None):
+        # A callable that compiles `update_masks`'s policy for `period` (for
+        # a thread off the training loop). It holds host copies of inputs of
+        # the types `update_masks` passes, and changes no state.
+        state, measurement = self._host_policy_inputs()
+        fn = self._policy_fn(self._period(period), True)
+        return lambda: fn(np.zeros_like(state[0]), state, measurement)
+
+    def _split_flat(self, flat):
+        starts = np.cumsum([0] + list(self._family_sizes[:-1]))
+        return [flat[int(a) : int(a) + g] for a, g in zip(starts, self._family_sizes)]
 
     def update_masks(self, lambda_max, period=None):
         """Runs one MAT measurement: the temporal, then the modular policy.
@@ -802,16 +825,18 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         if not all(np.all(np.isfinite(v)) for v in lam):
             return None
         sv = self._state_list
-        state = [[s[k].value for s in sv] for k in _POLICY_KEYS]
+        # Host-side concatenation: the compiled policy sees one vector per
+        # quantity, whatever the number of families.
+        state, measurement = self._host_policy_inputs()
         new, lam = self._policy_update(
-            lam,
+            np.concatenate([np.asarray(v, "float32") for v in lam]),
             state,
-            ops.convert_to_tensor(self.num_measurements.value),
+            measurement,
             self._period(period),
             compiled=True,
         )
-        for key, values in zip(_POLICY_KEYS + ("lambda_max",), (*new[:5], lam)):
-            for s, value in zip(sv, values):
+        for key, flat in zip(_POLICY_KEYS + ("lambda_max",), (*new[:5], lam)):
+            for s, value in zip(sv, self._split_flat(np.asarray(ops.convert_to_numpy(flat)))):
                 s[key].assign(value)
         self.num_measurements.assign(ops.cast(new.measurement, self.num_measurements.dtype))
         return self.masks
@@ -839,13 +864,13 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         values = list(optimizer_variables)
         position = {id(v): i for i, v in enumerate(self.variables)}
         sv = self._state_list
-        state = [[values[position[id(s[k])]] for s in sv] for k in _POLICY_KEYS]
-        lam = [lambda_max[g.name] for g in self.families]
+        state = [policy_lib.flatten_families([values[position[id(s[k])]] for s in sv]) for k in _POLICY_KEYS]
+        lam = policy_lib.flatten_families([ops.cast(lambda_max[g.name], "float32") for g in self.families])
         new, lam = self._policy_update(
             lam, state, values[position[id(self.num_measurements)]], self._period(period)
         )
-        for key, new_values in zip(_POLICY_KEYS + ("lambda_max",), (*new[:5], lam)):
-            for s, value in zip(sv, new_values):
+        for key, flat in zip(_POLICY_KEYS + ("lambda_max",), (*new[:5], lam)):
+            for s, value in zip(sv, policy_lib.split_families(flat, self._family_sizes)):
                 i = position[id(s[key])]
                 values[i] = ops.cast(value, values[i].dtype)
         i = position[id(self.num_measurements)]

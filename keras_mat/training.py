@@ -315,9 +315,10 @@ class MATCallback(keras.callbacks.Callback):
         recompile: `"auto"` (compile a skip set only when it pays),
             `"always"` or `"never"` (skip only what needs no new compile).
         max_cached_steps: Compiled train steps kept (one per skip set).
-        defer_first_measurement: On JAX, run the first measurement of a fit
-            (which compiles the probe) in a background thread on a snapshot
-            of the weights, and apply it before the next measurement is due;
+        defer_first_measurement: On JAX and TensorFlow, run the first
+            measurement of a fit (which compiles the probe and the policy)
+            in a background thread on a snapshot of the weights, and apply
+            it before the next measurement is due;
             only for a warm-up measurement (fewer than `warmup` taken so
             far), which leaves every module active anyway. Set False to
             measure synchronously.
@@ -604,10 +605,17 @@ class MATCallback(keras.callbacks.Callback):
             # Real copies: the train step donates (deletes) the state's buffers.
             values = [ops.copy(v) for v in self._probe._values()]
             holder = {}
+            opt = self._opt
+            # The policy's compile happens there too, off the training thread.
+            warm = (
+                opt._policy_warmer(self._period) if opt is not None and isinstance(opt.policy, str) else None
+            )
 
             def work():
                 try:
                     holder["lam"] = _lambda_from(self._probe, values, *self._probe_inputs)
+                    if warm is not None:
+                        warm()
                 except BaseException as err:  # re-raised on the training thread
                     holder["error"] = err
 
@@ -622,7 +630,7 @@ class MATCallback(keras.callbacks.Callback):
     def _defer_first_measurement(self):
         if self._probe_ready or self.defer_first_measurement is False:
             return False
-        if backends.name() != "jax" or keras.distribution.distribution() is not None:
+        if backends.name() not in ("jax", "tensorflow") or keras.distribution.distribution() is not None:
             return False  # (the distribution is thread-local state)
         if not hasattr(self._probe, "_values") or not hasattr(self._probe, "_grams"):
             return False

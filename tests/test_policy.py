@@ -349,6 +349,31 @@ def test_matches_numpy_reference(threshold_scope):
     assert stopped[2] == 0 and 0 < stopped[3] <= stopped[-1] < sum(len(f) for f in script[0])
 
 
+@pytest.mark.parametrize("threshold_scope", ["global", "per_layer"])
+def test_flat_update_matches_numpy_reference(threshold_scope):
+    # The optimizer runs the flat form: one (M,) vector per quantity.
+    kinds = ["head", "filter", "head", "filter"]
+    scopes = P.scope_ids(kinds, threshold_scope)
+    script = _random_script(3)
+    sizes = [len(f) for f in script[0]]
+    expected = _reference(script, scopes, alpha=0.4, beta=0.3, warmup=2)
+    layout = P.module_scopes(sizes, scopes)
+    start = P.initial_state(sizes)
+    state = P.PolicyState(*(P.flatten_families(v) for v in start[:5]), start.measurement)
+    for r, lams in enumerate(script):
+        state = P.policy_update_flat(
+            ops.convert_to_tensor(np.concatenate(lams)), state, 0.4, 0.3, layout, warmup=2
+        )
+        masks = np.split(ops.convert_to_numpy(state.masks), np.cumsum(sizes)[:-1])
+        frozen = np.split(ops.convert_to_numpy(state.frozen), np.cumsum(sizes)[:-1])
+        for got, exp in zip(masks, expected[r][0]):
+            np.testing.assert_array_equal(got, exp)
+        for got, exp in zip(frozen, expected[r][1]):
+            np.testing.assert_array_equal(got, exp)
+        assert int(ops.convert_to_numpy(state.measurement)) == r + 1
+    assert 0 < int(ops.convert_to_numpy(state.frozen).sum()) < sum(sizes)
+
+
 @pytest.mark.parametrize("period", [2, 3])
 def test_period_matches_numpy_reference(period):
     # t counts `period` measurements: Delta(1) is the drift over the first

@@ -66,7 +66,7 @@ def gram_operand(flat):
 def compile_probe(fn, xla=True):
     # One trace per input signature (batch size included): a relaxed
     # signature would leave the batch size unknown (None) inside the probe.
-    return tf.function(fn, jit_compile=xla)
+    return tf.function(fn, jit_compile=xla, autograph=False)
 
 
 def vjp(fn, values):
