@@ -15,7 +15,9 @@ plain's mean best validation loss (the first evaluation at or below it).
 
 Experiment B (`vgg`): training FLOPs (and wall-clock) until the epoch's
 training accuracy first reaches 95 % and 99 % (or the highest level every
-plain run reaches, if lower), and the final test accuracy.
+plain run reaches, if lower; `--levels` names others), its ratio to plain's mean
+("x plain", where every run of both reaches the level), total training FLOPs and
+wall-clock, and the final training and test accuracy.
 """
 
 from __future__ import annotations
@@ -112,31 +114,42 @@ def bert_table(runs):
     return lines
 
 
-def vgg_table(runs):
+def vgg_table(runs, levels=None):
     plain = runs["plain"]
     top = min(max(e["train_acc"] for e in r["records"]) for r in plain)
-    levels = [lv if lv <= top else None for lv in (0.95, 0.99)]
-    levels = [lv for lv in levels if lv is not None] or [float(np.floor(top * 100) / 100)]
+    if levels is None:
+        levels = [lv for lv in (0.95, 0.99) if lv <= top] or [float(np.floor(top * 100) / 100)]
+    plain_flops = {}
+    for lv in levels:
+        reach = [first_reach(r["records"], "train_acc", lv, "max") for r in plain]
+        plain_flops[lv] = np.mean([x["flops"] for x in reach]) if all(reach) else None
     lines = [
         "| setting | seeds | "
-        + " | ".join(f"FLOPs to train acc {lv:.0%} (T) | wall-clock (s)" for lv in levels)
-        + " | final train acc | final test acc | epochs | filters trained (mean) | filters stopped (end) |",
+        + " | ".join(f"FLOPs to train acc {lv:.0%} (T) | x plain | wall-clock (s)" for lv in levels)
+        + " | total FLOPs (T) | total wall-clock (s) | final train acc | final test acc | epochs | "
+        "filters trained (mean) | filters stopped (end) |",
         "| --- | ---: | "
-        + " | ".join("---: | ---:" for _ in levels)
-        + " | ---: | ---: | ---: | ---: | ---: |",
+        + " | ".join("---: | ---: | ---:" for _ in levels)
+        + " | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name in ["plain"] + sorted(k for k in runs if k != "plain"):
         rs = runs[name]
         cells = []
         for lv in levels:
             reach = [first_reach(r["records"], "train_acc", lv, "max") for r in rs]
+            ratio = "n/a"
+            if plain_flops[lv] and all(reach):
+                ratio = f"{np.mean([x['flops'] for x in reach]) / plain_flops[lv]:.2f}"
             cells += [
-                ms([x["flops"] / 1e12 if x else None for x in reach], "{:.3f}"),
+                ms([x["flops"] / 1e12 if x else None for x in reach], "{:.2f}"),
+                ratio,
                 ms([x["seconds"] if x else None for x in reach], "{:.0f}"),
             ]
         cells += [
-            ms([r["records"][-1]["train_acc"] for r in rs]),
-            ms([r["records"][-1]["test_acc"] for r in rs]),
+            ms([r["records"][-1]["flops"] / 1e12 for r in rs], "{:.2f}"),
+            ms([r["records"][-1]["seconds"] for r in rs], "{:.0f}"),
+            ms([r["records"][-1]["train_acc"] for r in rs], "{:.4f}"),
+            ms([r["records"][-1]["test_acc"] for r in rs], "{:.4f}"),
             ms([r["records"][-1]["epoch"] for r in rs], "{:.0f}"),
             ms([np.mean([e.get("active", 1.0) for e in r["records"]]) for r in rs], "{:.2f}"),
             ms([r["records"][-1].get("frozen", 0.0) for r in rs], "{:.2f}"),
@@ -150,9 +163,18 @@ def main(argv=None):
     p.add_argument("experiment", choices=("bert", "vgg"))
     p.add_argument("folder")
     p.add_argument("--out", default=None)
+    p.add_argument(
+        "--levels",
+        default=None,
+        help="vgg: comma-separated training-accuracy levels (default: 0.95,0.99 as reached)",
+    )
     args = p.parse_args(argv)
     runs = load_runs(args.folder)
-    lines = bert_table(runs) if args.experiment == "bert" else vgg_table(runs)
+    if args.experiment == "bert":
+        lines = bert_table(runs)
+    else:
+        levels = [float(v) for v in args.levels.split(",")] if args.levels else None
+        lines = vgg_table(runs, levels)
     output.emit(lines, args.out)
 
 

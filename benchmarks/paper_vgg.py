@@ -12,7 +12,8 @@ metric is compute until the *training* accuracy reaches a level), tested on
 `--test-samples` images of the test split.
 
 Variants: `plain` (the SGD optimizer alone) and `mat` (`keras_mat.wrap` with
-every conv filter a module, per-layer threshold scope, `ntk_output="logits"`,
+every conv filter a module, per-layer threshold scope, `--ntk-output`
+(default "logits", the exact mNTK of the 10 outputs),
 and a `keras_mat.MATCallback` probing `--probe-samples` fixed training
 images every `--probe-every` steps).
 
@@ -42,6 +43,11 @@ sys.path.insert(0, os.path.join(HERE, "harness"))
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default=None)
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where the decoded images are cached as .npz (default ~/.keras/datasets)",
+    )
     p.add_argument("--variant", choices=("plain", "mat"), default="plain")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--width", type=float, default=0.125)
@@ -54,9 +60,14 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--alpha", type=float, default=0.3)
     p.add_argument("--beta", type=float, default=1e-3)
-    p.add_argument("--temporal", default=None)
+    p.add_argument(
+        "--temporal",
+        default=None,
+        help='reading of the temporal rule over the planned training (default "training")',
+    )
     p.add_argument("--probe-every", type=int, default=20)
     p.add_argument("--probe-samples", type=int, default=8)
+    p.add_argument("--ntk-output", choices=("logits", "sum", "loss"), default="logits")
     p.add_argument(
         "--stop-at", type=float, default=0.995, help="stop once the epoch's train accuracy reaches it"
     )
@@ -74,21 +85,34 @@ def main(argv=None):
     from keras_mat import flops as flops_lib
 
     (x_train, y_train), (x_test, y_test) = load_cifar10(
-        args.data_dir, train_samples=args.train_samples, val_samples=args.test_samples, seed=0, verbose=0
+        args.data_dir,
+        cache_dir=args.cache_dir,
+        train_samples=args.train_samples,
+        val_samples=args.test_samples,
+        seed=0,
+        verbose=0,
     )
     x_train, x_test = x_train.astype("float32"), x_test.astype("float32")
     keras.utils.set_random_seed(args.seed)
     model = build_vgg(16, args.width, args.batch_norm)
     groups = [g for g in keras_mat.discover_groups(model, include=("filter",)) if g.kind == "filter"]
     inner = keras.optimizers.SGD(args.lr, momentum=0.9, weight_decay=args.weight_decay)
-    optimizer, callbacks = inner, []
+    optimizer, callbacks, period = inner, [], None
     if args.variant == "mat":
         keras_mat.annotate(model, groups=groups)
-        options = dict(alpha=args.alpha, beta=args.beta, probe_every=args.probe_every, ntk_output="logits")
+        options = dict(
+            alpha=args.alpha, beta=args.beta, probe_every=args.probe_every, ntk_output=args.ntk_output
+        )
         options["probe_samples"] = args.probe_samples
-        if args.temporal is not None:
-            steps_per_epoch = len(y_train) // args.batch_size
-            temporal.apply(options, args.temporal, args.probe_every, steps_per_epoch, args.epochs)
+        steps_per_epoch = len(y_train) // args.batch_size
+        period = temporal.apply(
+            options, args.temporal or "training", args.probe_every, steps_per_epoch, args.epochs
+        )
+        if "temporal" in options:
+            # `fit` runs in chunks of `probe_every` steps (below), so `MATCallback` would take each
+            # chunk for the whole training and read "training" as one measurement per step `t`.
+            # The reading is resolved here, on the planned training, and passed as its period.
+            options["temporal"] = period
         optimizer = keras_mat.wrap(inner, **options)
         callbacks.append(keras_mat.MATCallback(x_train[: args.probe_samples], y_train[: args.probe_samples]))
     model.compile(
@@ -137,6 +161,7 @@ def main(argv=None):
             break
     out = dict(args=vars(args), records=records, plain_step_flops=flops_lib.step_flops(report))
     out["backend"] = keras.backend.backend()
+    out["temporal_period"] = period  # measurements per step t of the temporal rule (mat)
     out["train_samples"], out["test_samples"] = len(y_train), len(y_test)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
