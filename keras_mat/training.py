@@ -241,8 +241,10 @@ def measure(model, x_probe, y_probe=None, ntk_output=None, total_steps=None):
 # --------------------------------------------------------------------------------------
 
 
-def _lambda_from(probe, values, x, y):
-    # lambda_max of every family from given variable values (a snapshot).
+def _lambda_from(probe, values, x, y, spectrum=None):
+    # lambda_max of every family from given variable values (a snapshot),
+    # and with `spectrum` (None, "all" or k) every module's leading
+    # eigenvalues and effective rank from the same Grams.
     grams = [
         np.asarray(ops.convert_to_numpy(g), dtype=np.float64)
         for g in probe._grams(values, x, y, compiled=True)
@@ -250,7 +252,14 @@ def _lambda_from(probe, values, x, y):
     sizes = [g.shape[0] for g in grams]
     top = ntk.top_eigenvalues_numpy(np.concatenate(grams, axis=0))
     starts = np.cumsum([0] + sizes)
-    return [top[a:b].astype(np.float32) for a, b in zip(starts[:-1], starts[1:])]
+    lam = [top[a:b].astype(np.float32) for a, b in zip(starts[:-1], starts[1:])]
+    if spectrum is None:
+        return lam, None
+    spectra = []
+    for gram in grams:
+        eig = np.maximum(ntk._eigvalsh64(0.5 * (gram + np.swapaxes(gram, 1, 2)))[:, ::-1], 0.0)
+        spectra.append((eig if spectrum == "all" else eig[:, :spectrum], ntk.effective_rank(eig)))
+    return lam, spectra
 
 
 def _optional_int(name, value, allow_none=True):
@@ -322,6 +331,11 @@ class MATCallback(keras.callbacks.Callback):
             only for a warm-up measurement (fewer than `warmup` taken so
             far), which leaves every module active anyway. Set False to
             measure synchronously.
+        spectrum: Also record every module's mNTK spectrum at each
+            measurement, from the same Gram matrices (solved in full in
+            float64, as `keras_mat.module_spectrum`): `None` (default, off),
+            an int k (the k largest eigenvalues) or `"all"`. Each row of
+            `rows` then has `eigenvalues` (descending) and `effective_rank`.
         batch_size: Training batch size for the FLOPs counters. Defaults to
             the size of the first batch when `x` is batched data, else to
             32 (`fit`'s default).
@@ -350,6 +364,7 @@ class MATCallback(keras.callbacks.Callback):
         max_cached_steps=8,
         batch_size=None,
         defer_first_measurement=True,
+        spectrum=None,
     ):
         super().__init__()
         probe_samples = _optional_int("probe_samples", probe_samples)
@@ -381,6 +396,18 @@ class MATCallback(keras.callbacks.Callback):
             raise ValueError(f"`batch_size` must be an int >= 1. Received: batch_size={batch_size!r}")
         self.batch_size = batch_size
         self.defer_first_measurement = bool(defer_first_measurement)
+        if spectrum is not None and spectrum != "all":
+            if (
+                isinstance(spectrum, (bool, np.bool_))
+                or not isinstance(spectrum, (int, np.integer))
+                or spectrum < 1
+            ):
+                raise ValueError(
+                    "`spectrum` must be None, 'all' or an int >= 1 (eigenvalues kept per module). "
+                    f"Received: spectrum={spectrum!r}"
+                )
+            spectrum = int(spectrum)
+        self.spectrum = spectrum
         self._first_batch = None
         self.rows = []
         self._flops = {"train": 0.0, "probe": 0.0, "executed": 0.0}
@@ -613,7 +640,9 @@ class MATCallback(keras.callbacks.Callback):
 
             def work():
                 try:
-                    holder["lam"] = _lambda_from(self._probe, values, *self._probe_inputs)
+                    holder["lam"], holder["spectrum"] = _lambda_from(
+                        self._probe, values, *self._probe_inputs, spectrum=self.spectrum
+                    )
                     if warm is not None:
                         warm()
                 except BaseException as err:  # re-raised on the training thread
@@ -623,9 +652,14 @@ class MATCallback(keras.callbacks.Callback):
             thread.start()
             self._pending = (thread, holder, self._step)
             return
-        lam = self._probe(*self._probe_inputs)
+        if self.spectrum is None:
+            lam, spectrum = self._probe(*self._probe_inputs), None
+        else:
+            lam, spectrum = _lambda_from(
+                self._probe, self._probe._values(), *self._probe_inputs, spectrum=self.spectrum
+            )
         self._probe_ready = True
-        self._apply_measurement(lam, self._step)
+        self._apply_measurement(lam, self._step, spectrum)
 
     def _defer_first_measurement(self):
         if self._probe_ready or self.defer_first_measurement is False:
@@ -646,9 +680,9 @@ class MATCallback(keras.callbacks.Callback):
         if "error" in holder:
             raise holder["error"]
         backends.trainer().sync_state(self.model)
-        self._apply_measurement(holder["lam"], step)
+        self._apply_measurement(holder["lam"], step, holder.get("spectrum"))
 
-    def _apply_measurement(self, lam, step):
+    def _apply_measurement(self, lam, step, spectrum=None):
         opt = self._opt
         lam = {
             g.name: np.asarray(ops.convert_to_numpy(v), "float32") for g, v in zip(self._families_now, lam)
@@ -664,11 +698,11 @@ class MATCallback(keras.callbacks.Callback):
             )
             return
         if opt is None:
-            self._emit(lam, None, None, step)
+            self._emit(lam, None, None, step, spectrum)
             self._measurement += 1
             return
         opt.update_masks(lam, period=self._period)
-        self._emit(lam, opt.masks, opt.frozen, step)
+        self._emit(lam, opt.masks, opt.frozen, step, spectrum)
         self._apply_skip(self._steps_left())
 
     def _steps_left(self):
@@ -842,10 +876,10 @@ class MATCallback(keras.callbacks.Callback):
     # Records
     # ---------------------------------------------------------------------------------
 
-    def _emit(self, lam, masks, frozen, step):
+    def _emit(self, lam, masks, frozen, step, spectrum=None):
         measurement = host_int(self._opt.num_measurements) - 1 if self._opt is not None else self._measurement
         new = []
-        for fam, values in lam.items():
+        for f, (fam, values) in enumerate(lam.items()):
             for i, value in enumerate(np.asarray(values).reshape(-1)):
                 new.append(
                     {
@@ -860,6 +894,9 @@ class MATCallback(keras.callbacks.Callback):
                         "total_flops": self.flops["train"] + self.flops["probe"],
                     }
                 )
+                if spectrum is not None:
+                    new[-1]["eigenvalues"] = [float(e) for e in spectrum[f][0][i]]
+                    new[-1]["effective_rank"] = float(spectrum[f][1][i])
         self.rows.extend(new)
         if self.csv_path:
             with open(self.csv_path, "a", newline="") as f:

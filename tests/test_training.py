@@ -155,6 +155,33 @@ def test_measurement_only_mode_records_and_trains():
     assert all(not np.array_equal(a, b) for a, b in zip(before, after))
 
 
+@pytest.mark.parametrize("defer", [True, False])
+def test_spectrum_logging_matches_module_spectrum(defer):
+    # The first measurement sees the initial weights: its logged spectrum is
+    # the one `module_spectrum` computes before training, for every module.
+    m = keras_mat.annotate(models.set_weights_deterministic(models.mha()), dense=True)
+    m.compile(
+        optimizer=wrap(keras.optimizers.Adam(1e-2), probe_every=2, probe_samples=4, ntk_output="sum"),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x, y = _data(m, n=16)
+    expected = keras_mat.module_spectrum(m, x[:4], ntk_output="sum", top_k=3)
+    log = MATCallback(x, probe_every=2, probe_samples=4, spectrum=3, defer_first_measurement=defer)
+    m.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[log])
+    first = [r for r in log.rows if r["step"] == 0]
+    assert len(first) == sum(g.num_modules for g in keras_mat.get_groups(m))
+    for r in first:
+        spec = expected[r["family"]]
+        np.testing.assert_allclose(r["eigenvalues"], spec["eigenvalues"][r["module"]], rtol=1e-4)
+        np.testing.assert_allclose(r["effective_rank"], spec["effective_rank"][r["module"]], rtol=1e-4)
+    later = [r for r in log.rows if r["step"] > 0]
+    assert later
+    for r in log.rows:
+        assert len(r["eigenvalues"]) == 3 and r["eigenvalues"] == sorted(r["eigenvalues"], reverse=True)
+        np.testing.assert_allclose(r["eigenvalues"][0], r["lambda_max"], rtol=1e-4)
+        assert r["effective_rank"] >= 1.0
+
+
 def test_wrap_without_annotate_fails_clearly():
     m = models.mlp()
     m.compile(optimizer=wrap(keras.optimizers.Adam()), loss="mse")
@@ -177,6 +204,8 @@ def test_callback_arguments_are_checked():
         ({"probe_every": "10"}, "probe_every"),
         ({"recompile": "sometimes"}, "recompile"),
         ({"batch_size": -1}, "batch_size"),
+        ({"spectrum": 0}, "spectrum"),
+        ({"spectrum": "top"}, "spectrum"),
     ):
         with pytest.raises(ValueError, match=f"Received: {name}="):
             MATCallback(x, **kwargs)
