@@ -250,53 +250,82 @@ def _eigvalsh64(matrices):
         return np.sort(np.linalg.svd(matrices, compute_uv=False), axis=-1)
 
 
-def top_eigenvalues_numpy(grams, block=16, iterations=10, tol=1e-6):
+def _lanczos_batched(g, steps, rng):
+    """Top Ritz pair of every matrix of a symmetric `(B, m, m)` stack after
+    `steps` Lanczos steps (full re-orthogonalisation, one start vector for
+    all); a step whose next vector vanishes (an invariant subspace) adds zeros."""
+    count, m = g.shape[0], g.shape[-1]
+    k = min(steps, m)
+    basis = np.zeros((count, k, m))
+    alphas, betas = np.zeros((count, k)), np.zeros((count, k))
+    v = rng.standard_normal(m)
+    basis[:, 0] = v / np.linalg.norm(v)
+    for j in range(k):
+        w = np.einsum("bij,bj->bi", g, basis[:, j])
+        alphas[:, j] = np.einsum("bm,bm->b", basis[:, j], w)
+        done = basis[:, : j + 1]
+        for _ in range(2):  # twice is enough (Kahan-Parlett)
+            w = w - np.einsum("bj,bjm->bm", np.einsum("bm,bjm->bj", w, done), done)
+        if j + 1 == k:
+            break
+        b = np.linalg.norm(w, axis=1)
+        alive = b > 1e-12
+        betas[:, j] = np.where(alive, b, 0.0)
+        basis[:, j + 1] = np.where(alive[:, None], w / np.where(alive, b, 1.0)[:, None], 0.0)
+    t = np.zeros((count, k, k))
+    idx = np.arange(k)
+    t[:, idx, idx] = alphas
+    t[:, idx[:-1], idx[1:]] = betas[:, : k - 1]
+    t[:, idx[1:], idx[:-1]] = betas[:, : k - 1]
+    theta, vecs = np.linalg.eigh(t)
+    ritz = np.einsum("bj,bjm->bm", vecs[:, :, -1], basis)
+    return theta[:, -1], ritz
+
+
+def top_eigenvalues_numpy(grams, steps=12, tol=1e-6):
     """Largest eigenvalue of each symmetric PSD matrix of a `(B, m, m)` numpy
     stack, in float64.
 
     Small matrices go to a dense eigensolver. Larger ones get a batched
-    block subspace iteration (`block` vectors, `iterations` steps, then
-    Rayleigh-Ritz); its top Ritz pair is accepted when its residual
-    `|G v - theta v|` is at most `tol * max|G|` (for a PSD matrix
-    `max|G| <= lambda_max`, so the eigenvalue is then right to `tol`
-    relative); the others are solved densely. Non-finite matrices give NaN.
+    Lanczos run (`steps` steps, full re-orthogonalisation); its top Ritz
+    pair is accepted when its residual `|G v - theta v|` is at most
+    `tol * max|G|` (for a PSD matrix `max|G| <= lambda_max`, so the
+    eigenvalue is then right to `tol` relative); the others get a run three
+    times as long, then what is left is solved densely. Non-finite matrices
+    give NaN.
 
     Returns:
         A float64 array `(B,)`.
     """
-    grams = np.asarray(grams, dtype=np.float64)
-    grams = 0.5 * (grams + np.swapaxes(grams, 1, 2))
+    grams = np.array(grams, dtype=np.float64)
+    grams += np.swapaxes(grams, 1, 2)
+    grams *= 0.5
     count, m = grams.shape[0], grams.shape[-1]
     top = np.full((count,), np.nan)
     finite = np.all(np.isfinite(grams), axis=(1, 2))
     if not finite.any():
         return top
-    g = grams[finite]
-    scale = np.max(np.abs(g), axis=(1, 2))
+    g = grams if finite.all() else grams[finite]
+    scale = np.max(np.abs(g.reshape(g.shape[0], -1)), axis=1)
     scale = np.where(scale > 0, scale, 1.0)
-    g = g / scale[:, None, None]
+    g /= scale[:, None, None]
     if m <= DENSE_EIGH_MAX:
         top[finite] = _eigvalsh64(g)[:, -1] * scale
         return top
-    k = min(block, m)
-    q = np.linalg.qr(np.random.default_rng(0).standard_normal((m, k)))[0]
-    q = np.ascontiguousarray(np.broadcast_to(q, (g.shape[0], m, k)))
     result = np.empty(g.shape[0])
     todo = np.arange(g.shape[0])
-    # A second round of iterations for the matrices that have not converged
-    # (close top eigenvalues), then the dense solver for what is left.
-    for steps in (iterations, 2 * iterations):
-        gs, qs = g[todo], q[todo]
-        for _ in range(steps):
-            qs = np.linalg.qr(gs @ qs)[0]
-        theta, vecs = np.linalg.eigh(np.swapaxes(qs, 1, 2) @ gs @ qs)
-        ritz = qs @ vecs[:, :, -1:]
-        residual = np.linalg.norm(gs @ ritz - theta[:, -1, None, None] * ritz, axis=(1, 2))
+    rng = np.random.default_rng(0)
+    # A longer run for the matrices that have not converged (close top
+    # eigenvalues), then the dense solver for what is left.
+    for k in (steps, 3 * steps):
+        gs = g if todo.size == g.shape[0] else g[todo]
+        theta, ritz = _lanczos_batched(gs, k, rng)
+        residual = np.linalg.norm(np.einsum("bij,bj->bi", gs, ritz) - theta[:, None] * ritz, axis=1)
         done = residual <= tol
-        result[todo[done]] = theta[done, -1]
-        q[todo] = qs
+
+        result[todo[done]] = theta[done]
         todo = todo[~done]
-        if not todo.size:
+        if not todo.size or k >= m:
             break
     if todo.size:
         result[todo] = _eigvalsh64(g[todo])[:, -1]
@@ -588,7 +617,7 @@ class Probe:
         """Measures lambda_max now from the variables' current values, with
         compiled kernels; returns a list of `(G,)` float32 tensors, one per
         family (NaN where a Gram is not finite)."""
-        grams = [np.asarray(ops.convert_to_numpy(g), dtype=np.float64) for g in self.grams(x, y)]
+        grams = [np.asarray(ops.convert_to_numpy(g)) for g in self.grams(x, y)]
         sizes = [g.shape[0] for g in grams]
         top = top_eigenvalues_numpy(np.concatenate(grams, axis=0))
         starts = np.cumsum([0] + sizes)

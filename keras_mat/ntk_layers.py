@@ -339,7 +339,16 @@ class GraphPlan:
                     out[id(var)] = module_gram(jac, axis, num)
                     continue
                 gram = None
-                if kind == "dense" or (kind == "conv" and layer.groups == 1) or role == "pointwise":
+                if (
+                    kind == "conv"
+                    and layer.groups == 1
+                    and axis == len(var.shape) - 1
+                    and num == var.shape[-1]
+                ):
+                    # One module per filter: per-sample gradients tap by tap
+                    # (no stacked patches, which cost more than the products).
+                    gram = _per_filter_gram(_conv_taps(layer, a), d)
+                elif kind == "dense" or (kind == "conv" and layer.groups == 1) or role == "pointwise":
                     a2, d2, kshape = _matmul_form(layer, kind, role, a, d)
                     gram = _identity_gram(a2, d2, rows_per_sample, axis, num, kshape, max_bytes)
                     if gram is None and axis == len(var.shape) - 1 and num == kshape[1]:
@@ -378,9 +387,10 @@ def _bias_grad(d, bshape):
     return _rows_first(d)
 
 
-def _patches(a, kernel_size, strides, padding, dilation):
-    """`(n, positions, taps, channels)` patches of channels-last `a`, tap
-    order that of the kernel's spatial axes (row-major)."""
+def _taps(a, kernel_size, strides, padding, dilation):
+    """The kernel taps of channels-last `a`: a list of `(n, positions,
+    channels)` shifted slices, in the order of the kernel's spatial axes
+    (row-major), and the output spatial shape."""
     rank = len(kernel_size)
     spatial = tuple(a.shape[1 : 1 + rank])
     pads, outs = [(0, 0)], []
@@ -403,14 +413,25 @@ def _patches(a, kernel_size, strides, padding, dilation):
         for t, size, s, dl in zip(tap, outs, strides, dilation):
             index.append(slice(t * dl, t * dl + (size - 1) * s + 1, s))
         index.append(slice(None))
-        taps.append(a[tuple(index)])
-    p = ops.stack(taps, axis=-2)
-    return ops.reshape(p, (p.shape[0], math.prod(outs), len(taps), p.shape[-1]))
+        taps.append(ops.reshape(a[tuple(index)], (a.shape[0], math.prod(outs), a.shape[-1])))
+    return taps, tuple(outs)
+
+
+def _patches(a, kernel_size, strides, padding, dilation):
+    """`(n, positions, taps, channels)` patches of channels-last `a`, tap
+    order that of the kernel's spatial axes (row-major)."""
+    taps, _ = _taps(a, kernel_size, strides, padding, dilation)
+    return ops.stack(taps, axis=-2)
 
 
 def _conv_patches(layer, a):
     padding = "valid" if layer.padding == "causal" else layer.padding  # (a is already padded)
     return _patches(a, layer.kernel_size, layer.strides, padding, layer.dilation_rate)
+
+
+def _conv_taps(layer, a):
+    padding = "valid" if layer.padding == "causal" else layer.padding  # (a is already padded)
+    return _taps(a, layer.kernel_size, layer.strides, padding, layer.dilation_rate)[0]
 
 
 def _conv_by_patches(layer, kind, a):
@@ -475,6 +496,16 @@ def _per_output_gram(a2, d2):
     gradients laid out `(C, n*R, K)`, then one batched matmul."""
     r, n, s, c = d2.shape
     g = ops.einsum("nsk,rnsc->cnrk", a2, d2)
+    g = ops.reshape(g, (c, n * r, -1))
+    return ops.matmul(g, ops.transpose(g, (0, 2, 1)))
+
+
+def _per_filter_gram(taps, d):
+    """`_per_output_gram` of a convolution from its taps `[(n, S, Cin)]` and
+    the output gradient `d (R, n, *spatial, C)`: one product per tap."""
+    r, n, c = d.shape[0], d.shape[1], d.shape[-1]
+    d2 = ops.reshape(d, (r, n, -1, c))
+    g = ops.stack([ops.einsum("nsk,rnsc->cnrk", t, d2) for t in taps], axis=3)  # (C, n, R, T, Cin)
     g = ops.reshape(g, (c, n * r, -1))
     return ops.matmul(g, ops.transpose(g, (0, 2, 1)))
 

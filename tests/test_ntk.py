@@ -509,3 +509,53 @@ def test_module_spectrum_matches_reference(model_name):
 
 def test_effective_rank_definition():
     np.testing.assert_allclose(ntk.effective_rank([[3.0, 0, 0], [1, 1, 1], [0, 0, 0]]), [1.0, 3.0, 0.0])
+
+
+def test_top_eigenvalue_solver_on_ntk_like_stacks():
+    # Gram-sized stacks (160 rows: 16 samples x 10 logits) whose spectra decay
+    # fast (accepted after the first Lanczos run), slowly (the longer run) or
+    # not at all at the top (the dense solver), and low-rank ones.
+    rng = np.random.RandomState(1)
+    m = 160
+    stacks = []
+    for ratio in (0.05, 0.3, 0.8, 0.97, 0.9999):
+        q, _ = np.linalg.qr(rng.randn(m, m))
+        stacks.append((q * ratio ** np.arange(m)) @ q.T * 1e3)
+    for rank in (1, 28):
+        a = rng.randn(m, rank)
+        stacks.append(a @ a.T)
+    grams = np.stack(stacks)
+    top = ntk.top_eigenvalues_numpy(grams.astype("float32"))
+    np.testing.assert_allclose(top, np.linalg.eigvalsh(grams)[:, -1], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, strides, padding, dilation",
+    [
+        ((9, 9, 4), (3, 3), (1, 1), "same", (1, 1)),
+        ((10, 7, 3), (4, 2), (2, 3), "valid", (1, 1)),
+        ((11, 9, 2), (3, 3), (1, 1), "same", (2, 2)),
+        ((12, 5), (3,), (2,), "same", (1,)),
+    ],
+)
+def test_per_filter_gram_equals_stacked_patches(shape, kernel, strides, padding, dilation):
+    from keras_mat import ntk_layers as L
+
+    ops = keras.ops
+    rng = np.random.RandomState(0)
+    n, rows, filters = 3, 2, 5
+    a = ops.convert_to_tensor(rng.randn(n, *shape).astype("float32"))
+    taps, outs = L._taps(a, kernel, strides, padding, dilation)
+    d = ops.convert_to_tensor(rng.randn(rows, n, *outs, filters).astype("float32"))
+    got = ops.convert_to_numpy(L._per_filter_gram(taps, d))
+    p = L._patches(a, kernel, strides, padding, dilation)
+    a2 = ops.reshape(p, (n, p.shape[1], -1))
+    want = ops.convert_to_numpy(L._per_output_gram(a2, ops.reshape(d, (rows, n, -1, filters))))
+    # Against an explicit per-sample gradient in numpy, too.
+    p_np = ops.convert_to_numpy(p).reshape(n, p.shape[1], -1).astype("float64")
+    d_np = ops.convert_to_numpy(d).reshape(rows, n, -1, filters).astype("float64")
+    jac = np.einsum("nsk,rnsc->cnrk", p_np, d_np).reshape(filters, n * rows, -1)
+    ref = jac @ jac.transpose(0, 2, 1)
+    atol = 1e-5 * np.abs(ref).max()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=atol)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=atol)
