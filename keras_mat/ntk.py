@@ -464,6 +464,9 @@ class Probe:
             if vid not in factored
         )
         self._kernels = {}
+        # Shorter compiles, slower runs (see `backends.compile_probe`): for a
+        # fit that measures only a few times (`MATCallback` decides).
+        self.fast_compile = False
         # Convolution variables on the generic route: TF runs that pass as a
         # graph (XLA makes per-sample convolution gradients 10-40x slower), and
         # JAX does not split its samples over devices (see backends/jax.py).
@@ -576,18 +579,23 @@ class Probe:
         """`[(families, fn(values, x, y) -> list of Grams)]` for a batch of n."""
         out = []
         if self.plan:
-            key = ("factored", compiled)
+            key = ("factored", compiled, self.fast_compile)
             if key not in self._kernels:
                 fams, fn = self._factored_fn()
-                self._kernels[key] = (fams, backends.get().compile_probe(fn, xla=True) if compiled else fn)
+                self._kernels[key] = (
+                    fams,
+                    backends.get().compile_probe(fn, xla=True, fast=self.fast_compile) if compiled else fn,
+                )
             out.append(self._kernels[key])
         for chunk in self._chunk_plan(n):
-            key = ("generic", tuple(chunk), compiled)
+            key = ("generic", tuple(chunk), compiled, self.fast_compile)
             if key not in self._kernels:
                 fams, fn = self._generic_fn(chunk)
                 self._kernels[key] = (
                     fams,
-                    backends.get().compile_probe(fn, xla=self._xla) if compiled else fn,
+                    backends.get().compile_probe(fn, xla=self._xla, fast=self.fast_compile)
+                    if compiled
+                    else fn,
                 )
             out.append(self._kernels[key])
         return out

@@ -262,6 +262,12 @@ def _lambda_from(probe, values, x, y, spectrum=None):
     return lam, spectra
 
 
+#: A fit planned to measure at most this many times compiles its probe with
+#: the backend's fast-compile options (on JAX on CPU: about half the compile
+#: time, up to 3x the run time of each measurement).
+FAST_COMPILE_MEASUREMENTS = 16
+
+
 def _optional_int(name, value, allow_none=True):
     if value is None and allow_none:
         return None
@@ -483,6 +489,13 @@ class MATCallback(keras.callbacks.Callback):
                 "ntk_output='loss' needs probe targets: pass `y` to MATCallback. Received: y=None"
             )
         self._probe = ntk.get_probe(model, families, mode, loss=loss, x=px)
+        # A fit that measures a few times gains more from a short probe
+        # compile than it loses to the slower compiled probe.
+        params = self.params or {}
+        planned = (params.get("steps") or 0) * (params.get("epochs") or 0)
+        self._probe.fast_compile = (
+            bool(planned) and self._measures and -(-planned // self._every) <= FAST_COMPILE_MEASUREMENTS
+        )
         self._probe_inputs = (
             tree.map_structure(ops.convert_to_tensor, px),
             None if py is None else tree.map_structure(ops.convert_to_tensor, py),
@@ -765,6 +778,7 @@ class MATCallback(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self._pending is not None:
             self._finish_pending()
+        self._probe.fast_compile = False  # other users of the cached probe get the fast-running one
         opt = self._opt
         if opt is not None and opt.skipped_variables:
             backends.trainer().sync_state(self.model)

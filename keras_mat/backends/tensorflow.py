@@ -63,7 +63,8 @@ def gram_operand(flat):
     return flat
 
 
-def compile_probe(fn, xla=True):
+def compile_probe(fn, xla=True, fast=False):
+    del fast  # no per-function XLA options on TensorFlow
     # One trace per input signature (batch size included): a relaxed
     # signature would leave the batch size unknown (None) inside the probe.
     return tf.function(fn, jit_compile=xla, autograph=False)
