@@ -342,6 +342,11 @@ class MATCallback(keras.callbacks.Callback):
             float64, as `keras_mat.module_spectrum`): `None` (default, off),
             an int k (the k largest eigenvalues) or `"all"`. Each row of
             `rows` then has `eigenvalues` (descending) and `effective_rank`.
+        total_steps: Planned optimizer steps of the whole training, for
+            a training run split over several `fit` calls: the `"training"`
+            temporal reading then counts quarters of this length rather
+            than of the current `fit`'s. `None` (default) reads each `fit`'s
+            own `steps * epochs`.
         batch_size: Training batch size for the FLOPs counters. Defaults to
             the size of the first batch when `x` is batched data, else to
             32 (`fit`'s default).
@@ -371,6 +376,7 @@ class MATCallback(keras.callbacks.Callback):
         batch_size=None,
         defer_first_measurement=True,
         spectrum=None,
+        total_steps=None,
     ):
         super().__init__()
         probe_samples = _optional_int("probe_samples", probe_samples)
@@ -414,6 +420,7 @@ class MATCallback(keras.callbacks.Callback):
                 )
             spectrum = int(spectrum)
         self.spectrum = spectrum
+        self.total_steps = _optional_int("total_steps", total_steps)
         self._first_batch = None
         self.rows = []
         self._flops = {"train": 0.0, "probe": 0.0, "executed": 0.0}
@@ -461,9 +468,12 @@ class MATCallback(keras.callbacks.Callback):
         if opt is not None and isinstance(opt.policy, str):
             # The temporal rule's clock, from the planned length of this fit.
             params = self.params or {}
-            self._period = policy.temporal_period(
-                opt.temporal, opt.probe_every, params.get("steps") or None, params.get("epochs") or None
-            )
+            if self.total_steps is not None and opt.temporal == "training":
+                self._period = policy.temporal_period(opt.temporal, opt.probe_every, self.total_steps, 1)
+            else:
+                self._period = policy.temporal_period(
+                    opt.temporal, opt.probe_every, params.get("steps") or None, params.get("epochs") or None
+                )
         self._measures = opt is None or isinstance(opt.policy, str)
         self._schedule = opt is not None and opt.policy is not None and not isinstance(opt.policy, str)
         if self._schedule and model.steps_per_execution != 1:
@@ -581,6 +591,21 @@ class MATCallback(keras.callbacks.Callback):
         opt = self._opt
         self._step = host_int(opt.iterations) if opt is not None else 0
         self._first_step = self._step
+        params = self.params or {}
+        planned = (params.get("steps") or 0) * (params.get("epochs") or 0)
+        if (
+            opt is not None
+            and isinstance(opt.policy, str)
+            and opt.temporal == "training"
+            and self.total_steps is None
+            and 0 < planned <= self._step
+        ):
+            self._warn(
+                "chunked",
+                f"keras_mat: this fit ({planned} steps) continues a training already {self._step} steps "
+                "long: the 'training' temporal reading counts quarters of this fit alone. When fit is "
+                "called in pieces, pass MATCallback(total_steps=...) with the whole training's length.",
+            )
         if opt is not None:
             self._apply_skip(self._steps_left())
 

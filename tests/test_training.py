@@ -182,6 +182,34 @@ def test_spectrum_logging_matches_module_spectrum(defer):
         assert r["effective_rank"] >= 1.0
 
 
+def test_fit_in_pieces_reads_the_training_clock_from_total_steps():
+    # Two fits of 8 steps each, one training of 16: with `total_steps` the
+    # "training" reading counts quarters of 16 steps in both; without it the
+    # second fit warns that its clock is its own 8 steps.
+    def model():
+        m = keras_mat.annotate(models.set_weights_deterministic(models.mha()), dense=True)
+        m.compile(
+            optimizer=wrap(keras.optimizers.Adam(1e-2), probe_every=2, probe_samples=4, ntk_output="sum"),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        return m
+
+    m = model()
+    x, y = _data(m, n=64)
+    whole = keras_mat.policy.temporal_period("training", 2, 16, 1)
+    assert whole == 2 != keras_mat.policy.temporal_period("training", 2, 8, 1)
+    cb = MATCallback(x, total_steps=16)
+    for _ in range(2):
+        m.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[cb])
+        assert cb._period == whole
+    m, cb = model(), MATCallback(x)
+    m.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[cb])
+    assert "chunked" not in cb._warned  # a first fit is the whole training as far as it knows
+    with pytest.warns(UserWarning, match="total_steps"):
+        m.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[cb])
+    assert cb._period == keras_mat.policy.temporal_period("training", 2, 8, 1)
+
+
 def test_wrap_without_annotate_fails_clearly():
     m = models.mlp()
     m.compile(optimizer=wrap(keras.optimizers.Adam()), loss="mse")
@@ -206,6 +234,7 @@ def test_callback_arguments_are_checked():
         ({"batch_size": -1}, "batch_size"),
         ({"spectrum": 0}, "spectrum"),
         ({"spectrum": "top"}, "spectrum"),
+        ({"total_steps": 0}, "total_steps"),
     ):
         with pytest.raises(ValueError, match=f"Received: {name}="):
             MATCallback(x, **kwargs)
