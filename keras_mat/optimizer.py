@@ -766,7 +766,7 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
             np.concatenate([np.asarray(ops.convert_to_numpy(s[k].value), "float32") for s in sv])
             for k in _POLICY_KEYS
         ]
-        return state, np.asarray(ops.convert_to_numpy(self.num_measurements.value))
+        return state, np.asarray(host_int(self.num_measurements), "int32")  # mirrored variables too
 
     def _policy_warmer(self, period=None):
         # A callable that compiles `update_masks`'s policy for `period` (for

@@ -702,8 +702,8 @@ class MATCallback(keras.callbacks.Callback):
     def _defer_first_measurement(self):
         if self._probe_ready or self.defer_first_measurement is False:
             return False
-        if backends.name() not in ("jax", "tensorflow") or keras.distribution.distribution() is not None:
-            return False  # (the distribution is thread-local state)
+        if not backends.trainer().background_measurement(self.model):
+            return False  # (distribution state is per thread)
         if not hasattr(self._probe, "_values") or not hasattr(self._probe, "_grams"):
             return False
         # Only a warm-up measurement (every module stays active, none stops)

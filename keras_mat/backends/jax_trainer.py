@@ -18,6 +18,15 @@ def compiles_train_step(model):
     return bool(model.jit_compile) and not model.run_eagerly
 
 
+def background_measurement(model):
+    """Whether a measurement may run in a thread beside training: not under
+    `keras.distribution` (its state is per thread)."""
+    del model
+    import keras
+
+    return keras.distribution.distribution() is None
+
+
 def check_distribution(model):
     """Raises where MAT would not keep every replica's masks identical."""
     del model

@@ -13,6 +13,13 @@ def compiles_train_step(model):
     return not model.run_eagerly
 
 
+def background_measurement(model):
+    """Whether a measurement may run in a thread beside training: a single
+    replica (a `tf.distribute` scope is per thread)."""
+    strategy = model.distribute_strategy
+    return strategy.num_replicas_in_sync == 1 and not isinstance(strategy, tf.distribute.MirroredStrategy)
+
+
 def check_distribution(model):
     """Raises where MAT would not keep every replica's masks identical."""
     strategy = model.distribute_strategy

@@ -14,6 +14,12 @@ def compiles_train_step(model):
     return model.jit_compile is True and not model.run_eagerly
 
 
+def background_measurement(model):
+    """Probes run eagerly on torch: there is no compile to hide."""
+    del model
+    return False
+
+
 def check_distribution(model):
     """Raises where MAT would not keep every replica's masks identical."""
     del model
