@@ -881,6 +881,12 @@ def _check_finite(group, values, what):
         )
 
 
+def gram_spectrum(gram):
+    """Every eigenvalue of a stack of float64 Gram matrices `(G, m, m)`,
+    descending and clipped at 0 (symmetrized first, solved in full)."""
+    return np.maximum(_eigvalsh64(0.5 * (gram + np.swapaxes(gram, 1, 2)))[:, ::-1], 0.0)
+
+
 def effective_rank(eigenvalues):
     """Participation ratio `(sum l)^2 / sum l^2` of non-negative eigenvalues
     along the last axis: between 1 (one direction) and the number of nonzero
@@ -943,7 +949,7 @@ def module_spectrum(
     for g, gram in zip(groups, probe.grams(x, y)):
         gram = np.asarray(ops.convert_to_numpy(gram), dtype=np.float64)
         _check_finite(g, gram, "modular NTK")
-        lam = np.maximum(_eigvalsh64(0.5 * (gram + np.swapaxes(gram, 1, 2)))[:, ::-1], 0.0)
+        lam = gram_spectrum(gram)
         out[g.name] = {
             "eigenvalues": lam if top_k is None else lam[:, : int(top_k)],
             "effective_rank": effective_rank(lam),

@@ -776,10 +776,6 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         fn = self._policy_fn(self._period(period), True)
         return lambda: fn(np.zeros_like(state[0]), state, measurement)
 
-    def _split_flat(self, flat):
-        starts = np.cumsum([0] + list(self._family_sizes[:-1]))
-        return [flat[int(a) : int(a) + g] for a, g in zip(starts, self._family_sizes)]
-
     def update_masks(self, lambda_max, period=None):
         """Runs one MAT measurement: the temporal, then the modular policy.
 
@@ -837,7 +833,9 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
             compiled=True,
         )
         for key, flat in zip(_POLICY_KEYS + ("lambda_max",), (*new[:5], lam)):
-            for s, value in zip(sv, self._split_flat(np.asarray(ops.convert_to_numpy(flat)))):
+            for s, value in zip(
+                sv, np.split(np.asarray(ops.convert_to_numpy(flat)), np.cumsum(self._family_sizes)[:-1])
+            ):
                 s[key].assign(value)
         self.num_measurements.assign(ops.cast(new.measurement, self.num_measurements.dtype))
         return self.masks

@@ -257,7 +257,7 @@ def _lambda_from(probe, values, x, y, spectrum=None):
         return lam, None
     spectra = []
     for gram in grams:
-        eig = np.maximum(ntk._eigvalsh64(0.5 * (gram + np.swapaxes(gram, 1, 2)))[:, ::-1], 0.0)
+        eig = ntk.gram_spectrum(gram)
         spectra.append((eig if spectrum == "all" else eig[:, :spectrum], ntk.effective_rank(eig)))
     return lam, spectra
 

@@ -1,6 +1,7 @@
 """JAX side of the training integration."""
 
 import jax
+import keras
 
 
 def sync_state(model):
@@ -22,8 +23,6 @@ def background_measurement(model):
     """Whether a measurement may run in a thread beside training: not under
     `keras.distribution` (its state is per thread)."""
     del model
-    import keras
-
     return keras.distribution.distribution() is None
 
 
