@@ -22,7 +22,12 @@ Variants (`--variant`):
   every `--probe-every` steps;
 - `rand`: `keras_mat.RandomModules` over the heads at a fixed fraction
   (`--rand-fraction`), redrawn every `--probe-every` steps;
-- `multirate`: `keras_mat.Multirate` over the heads.
+- `paper_rand`: `keras_mat.PaperRand` over the heads, the paper's Rand: a
+  fixed share (`--rand-fraction`, or MAT's mean active fraction with
+  `--rand-from`) redrawn every step;
+- `multirate`: `keras_mat.Multirate` over the heads: a random split (drawn
+  from `--seed`) makes `--multirate-fast` of each layer's heads fast (updated
+  every step), the others slow (updated every `--multirate-k`-th step).
 
 With `--log-lambda K` every variant also records every head's lambda_max on
 the fixed probe set every K steps (`keras_mat.module_lambda_max`, heads only,
@@ -95,7 +100,15 @@ def parse_args(argv=None):
         "--rand-from", default=None,
         help="a MAT run's JSON: rand draws MAT's active fraction after each of its measurements (compute-matched)",
     )  # fmt: skip
-    p.add_argument("--multirate-k", type=int, default=4)
+    p.add_argument(
+        "--multirate-k", type=int, default=4, help="multirate: slow heads are updated every k-th step"
+    )
+    p.add_argument(
+        "--multirate-fast",
+        type=float,
+        default=0.5,
+        help="multirate: share of each layer's heads that are fast",
+    )
     p.add_argument("--log-lambda", type=int, default=0, help="log heads' lambda_max every K steps (0: off)")
     p.add_argument(
         "--spectrum-epochs",
@@ -164,6 +177,16 @@ def head_spectra(model, x, groups):
     }
 
 
+def plain_step_flops(model, x0, groups):
+    """Analytic FLOPs of one plain training step on the batch `x0` (every head trained),
+    counted with the data's per-sample shapes (`mask_positions`: the masked-LM slots)."""
+    from keras_mat import flops as flops_lib
+
+    shapes = {k: tuple(v.shape[1:]) for k, v in x0.items()}
+    batch = len(next(iter(x0.values())))
+    return flops_lib.step_flops(flops_lib.count_flops(model, batch, input_shapes=shapes, groups=groups))
+
+
 def masked_loss(model, arrays, batch_size):
     """Mean masked-LM cross-entropy over the real mask slots (inference mode)."""
     x, y, w = arrays
@@ -195,7 +218,6 @@ def main(argv=None):
     import keras
 
     import keras_mat
-    from keras_mat import flops as flops_lib
 
     keras.utils.set_random_seed(args.seed)
     train, val, test, vocab_size, description = load_data(args)
@@ -225,7 +247,7 @@ def main(argv=None):
             fraction = float(np.mean(mat_fractions(args.rand_from))) if args.rand_from else args.rand_fraction
             schedule = keras_mat.baselines.PaperRand(fraction, every=1, seed=args.seed)
         else:
-            schedule = keras_mat.Multirate(k=args.multirate_k)
+            schedule = keras_mat.Multirate(args.multirate_fast, k=args.multirate_k, seed=args.seed)
         optimizer = keras_mat.wrap(inner, policy=schedule)
     if args.variant != "plain" or args.log_lambda:
         every = args.log_lambda or args.probe_every
@@ -233,10 +255,7 @@ def main(argv=None):
             probe_x, probe_y, probe_samples=args.probe_samples, probe_every=every, batch_size=args.batch_size
         )
     model.compile(optimizer=optimizer, **wikitext.compile_kwargs())
-    report = flops_lib.count_flops(
-        model, args.batch_size, input_shapes={k: (args.seq,) for k in x0}, groups=groups
-    )
-    plain_step = flops_lib.step_flops(report)
+    plain_step = plain_step_flops(model, x0, groups)
 
     times = []
 

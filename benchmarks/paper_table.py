@@ -10,8 +10,11 @@ Experiment A (`bert`, lower is better): validation loss at three training
 FLOPs budgets (a quarter, half and all of the plain runs' mean FLOPs to their
 best validation loss; each run's curve is interpolated linearly, "n/a" past
 its last evaluation), test loss at the best-validation checkpoint, best
-validation loss, training FLOPs and wall-clock to the run's own best, and to
-plain's mean best validation loss (the first evaluation at or below it).
+validation loss, training FLOPs (and their ratio to plain's mean) and
+wall-clock to the run's own best, and to plain's mean best validation loss
+(the first evaluation at or below it). "heads trained (mean)" averages the
+fraction of heads the masks updated at the end of each epoch (for Multirate:
+the fast heads only; its FLOPs include the slow heads' updates).
 
 Experiment B (`vgg`): training FLOPs (and wall-clock) until the epoch's
 training accuracy first reaches 95 % and 99 % (or the highest level every
@@ -69,6 +72,14 @@ def first_reach(records, key, target, mode):
     return None
 
 
+#: Experiment A's settings in table order (others follow, sorted).
+ORDER = ("plain", "mat", "rand", "paper_rand", "multirate")
+
+
+def setting_order(runs):
+    return [k for k in ORDER if k in runs] + sorted(k for k in runs if k not in ORDER)
+
+
 def bert_table(runs):
     plain = runs["plain"]
     best = [r["best"] for r in plain]
@@ -80,12 +91,11 @@ def bert_table(runs):
         f"plain's mean FLOPs to its best); plain's mean best validation loss: {target:.4f}.",
         "",
         "| setting | seeds | val @ B1 | val @ B2 | val @ B3 | best val | test at best val | epoch of best | "
-        "FLOPs to own best (T) | wall-clock to own best (s) | FLOPs to plain's best (T) | "
+        "FLOPs to own best (T) | x plain's | wall-clock to own best (s) | FLOPs to plain's best (T) | "
         "wall-clock to plain's best (s) | heads trained (mean) | heads stopped (end) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    order = ["plain"] + sorted(k for k in runs if k != "plain")
-    for name in order:
+    for name in setting_order(runs):
         rs = runs[name]
         cells = []
         for b in budgets:
@@ -104,6 +114,7 @@ def bert_table(runs):
             ms([o["test"] for o in own]),
             ms([o["epoch"] for o in own], "{:.1f}"),
             ms([o["flops"] / 1e12 for o in own], "{:.2f}"),
+            f"{np.mean([o['flops'] for o in own]) / f_best:.2f}",
             ms([o["seconds"] for o in own], "{:.0f}"),
             ms([x["flops"] / 1e12 if x else None for x in reach], "{:.2f}"),
             ms([x["seconds"] if x else None for x in reach], "{:.0f}"),
@@ -132,7 +143,7 @@ def vgg_table(runs, levels=None):
         + " | ".join("---: | ---: | ---:" for _ in levels)
         + " | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name in ["plain"] + sorted(k for k in runs if k != "plain"):
+    for name in setting_order(runs):
         rs = runs[name]
         cells = []
         for lv in levels:
