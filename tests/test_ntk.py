@@ -354,6 +354,23 @@ def test_mixed_route_matches_reference():
     assert conv & probe.plan.variables == conv and not conv & generic
 
 
+@pytest.mark.parametrize("ntk_output", ["logits", "sum"])
+def test_fast_compile_probe_matches_reference(ntk_output):
+    # The short-compile setting (few-measurement fits) changes how XLA builds
+    # the code on CPU, never the result; both routes of a mixed probe.
+    m = _patch_attention()
+    models.set_weights_deterministic(m)
+    keras_mat.annotate(m, dense=True)
+    x = np.random.RandomState(1).randn(3, 8, 8, 3).astype("float32")
+    probe = ntk.Probe(m, keras_mat.get_groups(m), ntk_output, rows_per_sample=3 if ntk_output == "logits" else 1)
+    probe.fast_compile = True
+    fast = dict(zip([g.name for g in probe.groups], (np.asarray(v) for v in probe(x))))
+    ref = reference_lambda_max(m, x, ntk_output=ntk_output)
+    assert probe.route == "mixed" and set(fast) == set(ref)
+    for name in ref:
+        assert _rel_err(fast[name], ref[name]) < RTOL, (name, fast[name], ref[name])
+
+
 # ----------------------------------------------------------------------------- cache and state
 
 
