@@ -106,23 +106,26 @@ def gram_operand(flat):
     return _constrain(flat, axis, P(None, P.UNCONSTRAINED, axis[1]))
 
 
-# XLA options that cut the compile time of a probe on CPU by 3-4x, for a
-# run that measures only a few times (its compiled code then runs up to 3x
-# slower): no LLVM optimization, and XLA's classic loop emitters rather than
-# its fusion emitters (measured: a probe of two convolutions and an
-# attention layer compiles in 0.8 s instead of 3.2 s, and runs in 37 ms
-# instead of 12 ms). Options this jaxlib does not know are left out.
+# XLA options for probes on CPU.
+# - Always: XLA's loop emitters rather than its fusion emitters. Measured on
+#   a probe of every filter of a small VGG (n=16): "logits" runs 26 % faster
+#   and compiles 25 % faster, "sum" runs as fast; BERT heads run as fast.
+# - For a fit that measures only a few times (`fast`): no LLVM optimization
+#   either. A probe of two convolutions and an attention layer then compiles
+#   in 0.8 s instead of 3.2 s and runs in 37 ms instead of 12 ms.
+# Options this jaxlib does not know are left out.
+_PROBE_COMPILE = {"xla_cpu_use_fusion_emitters": False}
 _FAST_COMPILE = {
+    **_PROBE_COMPILE,
     "xla_backend_optimization_level": 0,
     "xla_llvm_disable_expensive_passes": True,
-    "xla_cpu_use_fusion_emitters": False,
 }
 
 
 @functools.lru_cache(maxsize=None)
-def _fast_compile_options():
+def _known_options(fast):
     known = {}
-    for name, value in _FAST_COMPILE.items():
+    for name, value in (_FAST_COMPILE if fast else _PROBE_COMPILE).items():
         try:
             jax.jit(lambda t: t + 1, compiler_options={name: value}).lower(np.float32(0)).compile()
         except Exception:  # an option this jaxlib does not have
@@ -133,8 +136,8 @@ def _fast_compile_options():
 
 def compile_probe(fn, xla=True, fast=False):
     del xla
-    if fast and jax.default_backend() == "cpu":
-        return jax.jit(fn, compiler_options=_fast_compile_options())
+    if jax.default_backend() == "cpu":
+        return jax.jit(fn, compiler_options=_known_options(bool(fast)))
     return jax.jit(fn)
 
 
