@@ -57,6 +57,23 @@ def _is_number(x):
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
+class _Conditions:
+    """The broadcast keep-mask of each (family, axis, shape), built once per
+    update: a variable and its optimizer slots share one (an eager step, as
+    on PyTorch, pays per op)."""
+
+    def __init__(self, keep):
+        self.keep = keep
+        self._built = {}
+
+    def __call__(self, plan_entry, shape):
+        key = (plan_entry, shape)
+        if key not in self._built:
+            i, axis = plan_entry
+            self._built[key] = expand_mask(self.keep[i], shape, axis)
+        return self._built[key]
+
+
 def _optimizer_chain(optimizer):
     # LossScaleOptimizer-style nesting: the innermost optimizer owns the slots.
     chain = []
@@ -499,15 +516,15 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         )
         return {g.name: k for g, k in zip(self.families, keep)}
 
-    def _blend(self, keep, plan, new_values, old_values):
+    def _blend(self, keep, plan, new_values, old_values, conditions=None):
+        conditions = _Conditions(keep) if conditions is None else conditions
         out = []
         for p, new, old in zip(plan, new_values, old_values):
             if p is None or old is None:
                 out.append(new)
                 continue
-            i, axis = p
             new = ops.convert_to_tensor(new)
-            cond = expand_mask(keep[i], tuple(new.shape), axis)
+            cond = conditions(p, tuple(new.shape))
             out.append(ops.where(cond, new, ops.convert_to_tensor(old, dtype=new.dtype)))
         return out
 
@@ -580,25 +597,22 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
             [s["mask"].value for s in self._state_list], [s["frozen"].value for s in self._state_list]
         )
         ivars = self.inner_optimizer.variables
-        # Snapshot (a real copy: torch fused optimizers update in place).
-        old_t = [
-            None if p is None or not lv else ops.copy(v.value)
-            for p, v, lv in zip(self._trainable_plan, tvars, live_t)
+        # The blended variables: trainable ones with a gradient, and their slots.
+        blended = [
+            (p, v)
+            for plan, variables, live in ((self._trainable_plan, tvars, live_t), (self._inner_plan, ivars, live_i))
+            for p, v, lv in zip(plan, variables, live)
+            if p is not None and lv
         ]
-        old_i = [
-            None if p is None or not lv else ops.copy(v.value)
-            for p, v, lv in zip(self._inner_plan, ivars, live_i)
-        ]
+        kernel = backends.get()
+        # Snapshot (a real copy: torch optimizers update in place).
+        olds = kernel.copy_values([v for _, v in blended])
         full = self._scale_gradients(full, [s["mask"].value for s in self._state_list])
         self.inner_optimizer.apply([full[k] for k in given], trainable_variables)
-        for plan, variables, olds in ((self._trainable_plan, tvars, old_t), (self._inner_plan, ivars, old_i)):
-            for p, v, old in zip(plan, variables, olds):
-                if p is None or old is None:
-                    continue
-                i, axis = p
-                new = v.value
-                cond = expand_mask(keep[i], tuple(v.shape), axis)
-                v.assign(ops.where(cond, new, old))
+        conditions = _Conditions(keep)
+        kernel.restore_masked(
+            [v for _, v in blended], [conditions(p, tuple(v.shape)) for p, v in blended], olds
+        )
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
         if not self.built:
@@ -644,8 +658,9 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
             )
             plan_t = [p if lv else None for p, lv in zip(self._trainable_plan, live_t)]
             plan_i = [p if lv else None for p, lv in zip(self._inner_plan, self._live(live_t))]
-            new_t = self._blend(keep, plan_t, new_t, trainable_variables)
-            new_i = self._blend(keep, plan_i, new_i, inner_values)
+            conditions = _Conditions(keep)
+            new_t = self._blend(keep, plan_t, new_t, trainable_variables, conditions)
+            new_i = self._blend(keep, plan_i, new_i, inner_values, conditions)
         # Values may be Variables when a LossScaleOptimizer nests the wrapper
         # (it passes `inner_optimizer.variables` inside its StatelessScope).
         own_values = [ops.convert_to_tensor(x) for x in own_values]

@@ -22,6 +22,10 @@ Every backend module exposes the same small set of functions:
 - `snapshot(variable)`: the variable's current value, for a probe pass.
 - `scalar_grad(fn, values)`: plain gradient of a scalar function (used by the
   slow reference only).
+- `copy_values(variables)` / `restore_masked(variables, conditions, olds)`:
+  the masked optimizer update's snapshot and its `where(condition, value,
+  old)` write-back (`_stateful.py` for the traced backends; raw in-place
+  torch ops on PyTorch, whose steps run eagerly).
 """
 
 import importlib

@@ -5,6 +5,8 @@ import functools
 import jax
 import numpy as np
 
+from keras_mat.backends._stateful import copy_values, restore_masked  # noqa: F401  (kernel API)
+
 
 def _batch_axis():
     # (jax mesh, batch axis name, its size) of the active

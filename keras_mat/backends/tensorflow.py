@@ -9,6 +9,8 @@ slower and graph mode is both safe and fast.
 
 import tensorflow as tf
 
+from keras_mat.backends._stateful import copy_values, restore_masked  # noqa: F401  (kernel API)
+
 
 def _rows(fn, probe_values, xi, yi):
     with tf.GradientTape(persistent=True) as tape:

@@ -98,6 +98,23 @@ def snapshot(variable):
     return variable.value.detach()
 
 
+def copy_values(variables):
+    """Real copies of the variables' current values (torch optimizers update
+    in place)."""
+    with torch.no_grad():
+        return [v.value.detach().clone() for v in variables]
+
+
+def restore_masked(variables, conditions, olds):
+    """Writes `where(condition, value, old)` into each variable's tensor in
+    place, as Keras's own torch optimizers update them (`torch._foreach_*`
+    on `variable.value`): raw torch ops, for an eager step pays per op."""
+    with torch.no_grad():
+        for v, cond, old in zip(variables, conditions, olds):
+            t = v.value
+            t.copy_(torch.where(cond, t, old))
+
+
 def gram_operand(flat):
     return flat
 
