@@ -21,6 +21,9 @@ the router kernel (`router_kernel`, shape `(hidden, num_experts)`) is left
 out of every module and always trained. The attention layers are
 `keras.layers.MultiHeadAttention`, so every head is a module too; heads and
 experts share MAT's global threshold scope (the default for both kinds).
+`--modules experts` makes the experts the only modules (the Switch
+modules of the MAT paper; the heads then always train), `--modules heads`
+the heads only.
 
 Routing, in `keras.ops` only (the same code on JAX, TensorFlow and PyTorch):
 each sequence is one routing group; every token goes to the expert with the
@@ -57,6 +60,8 @@ from keras import ops  # noqa: E402
 
 DEFAULTS = {**wikitext.DEFAULTS, **dict(layers=2, heads=4, hidden=128, experts=4, epochs=3, lr=1e-3)}
 DEFAULTS["out_dir"] = "results/moe_wikitext2"
+#: `--modules` choices: the module kinds passed to `keras_mat.discover_groups(include=...)`.
+MODULES = {"heads,experts": ("head", "expert"), "experts": ("expert",), "heads": ("head",)}
 PRESETS = {
     "demo": {
         **wikitext.DEMO,
@@ -232,7 +237,12 @@ def parse_args(argv=None):
     p.add_argument("--capacity-factor", type=float, default=1.25)
     p.add_argument("--aux-loss-weight", type=float, default=0.01)
     p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument(
+        "--modules", choices=sorted(MODULES), default="heads,experts",
+        help="which parts are MAT modules (the others always train); experts: the paper's Switch modules",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    args.module_kinds = MODULES[args.modules]
     args = wikitext.resolve(p, args, DEFAULTS, PRESETS)
     if args.experts < 2:
         p.error(f"--experts must be >= 2. Received: --experts={args.experts}")

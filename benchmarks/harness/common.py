@@ -161,6 +161,17 @@ def _rand_fractions(logger, kinds, seed):
     return out
 
 
+def _annotate(model, annotate_kwargs):
+    """`keras_mat.annotate(model, **annotate_kwargs)`; an `include` entry keeps only those kinds."""
+    kwargs = dict(annotate_kwargs)
+    include = kwargs.pop("include", None)
+    if include is None:
+        return keras_mat.annotate(model, **kwargs)
+    return keras_mat.annotate(
+        model, groups=keras_mat.discover_groups(model, include=tuple(include), **kwargs)
+    )
+
+
 def _better(a, b, mode):
     return a >= b if mode == "max" else a <= b
 
@@ -290,6 +301,7 @@ def compare(
     annotate_kwargs=None,
     multirate_options=None,
     batch_size=None,
+    test_data=None,
 ):
     """Trains each variant with the same seed and data and compares them.
 
@@ -321,9 +333,14 @@ def compare(
             than the optimizer; default: sparse categorical cross-entropy
             from logits and accuracy.
         annotate_kwargs: Dict of `keras_mat.annotate` options (MAT, Rand,
-            Multirate).
+            Multirate). An `include` entry (kinds, e.g. `("expert",)`)
+            restricts the modules to those kinds: the model is annotated
+            with `keras_mat.discover_groups(model, include=..., **rest)`.
         multirate_options: Dict of `keras_mat.Multirate` options.
         batch_size: `fit`'s batch size for array data.
+        test_data: Optional held-out data (as `evaluate`'s `x`, or a callable
+            returning it), evaluated once after training; its metrics go to
+            the record's `test` dict.
 
     Returns:
         A dict variant -> record (JSON-safe): `epochs` (per-epoch metric,
@@ -383,7 +400,7 @@ def compare(
                 warnings.warn(f"FLOPs of the plain run could not be counted ({err})", stacklevel=2)
                 plain_step = float("nan")
         else:
-            keras_mat.annotate(model, **annotate_kwargs)
+            _annotate(model, annotate_kwargs)
             # The callback drives MAT's measurements and the schedules' masks, and counts FLOPs;
             # its probe set is the first training samples.
             probe = train if not isinstance(train, tuple) else train[:2]
@@ -457,6 +474,9 @@ def compare(
             record["step_variants"] = int(info["num_compiles"])
             history = [skip for _, skip in info["skip_history"]]
             record["skip_set_changes"] = sum(a != b for a, b in zip(history, history[1:]))
+        if test_data is not None:
+            scores = model.evaluate(resolve(test_data), return_dict=True, verbose=0)
+            record["test"] = {k: float(v) for k, v in scores.items()}
         records[name] = record
     _summarize(records, mode)
     table = results_table(records, metric, mode)

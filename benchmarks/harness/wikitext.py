@@ -30,6 +30,7 @@ takes: `x = {"token_ids", "segment_ids", "padding_mask", "mask_positions"}`,
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import math
 import os
@@ -263,9 +264,22 @@ def load(args, verbose=1):
     train = masked_lm_arrays(preprocessor, train_text, args.train_samples, args.seed, args.mask_copies)
     # Validation masking is fixed (seed 10_000 + seed), independent of the copies.
     val = masked_lm_arrays(preprocessor, valid_text, args.val_samples, 10_000 + args.seed)
+    test = None
+    if getattr(args, "test_samples", None):
+        # Held out: the second half of the validation text's sequences (masked with its own seed).
+        x, y, w = masked_lm_arrays(preprocessor, valid_text, None, 20_000 + args.seed)
+        half = len(y) // 2
+        if len(val[1]) > half:
+            raise ValueError(
+                f"--test-samples takes the second half of the validation text ({half} sequences), so "
+                f"--val-samples must be <= {half}. Received: --val-samples={args.val_samples}"
+            )
+        part = slice(half, half + args.test_samples)
+        test = ({k: v[part] for k, v in x.items()}, y[part], w[part])
     return {
         "train": train,
         "val": val,
+        "test": test,
         "vocabulary_size": len(vocabulary),
         "description": description,
         "masked_tokens": (float(train[2].sum()), float(val[2].sum())),
@@ -286,6 +300,10 @@ def add_arguments(parser, presets):
         help="training sequences (default: all of the training text)",
     )  # fmt: skip
     p.add_argument("--val-samples", type=int, default=None, help="validation sequences (default: all)")
+    p.add_argument(
+        "--test-samples", type=int, default=None,
+        help="held-out test sequences (the validation text's second half), evaluated after training",
+    )  # fmt: skip
     p.add_argument(
         "--mask-copies", type=int, default=None, help="maskings of the training text (dynamic masking)"
     )
@@ -357,10 +375,13 @@ def compile_kwargs():
 
 def perplexity_lines(results):
     """Markdown lines: per variant, final and best validation perplexity
-    (exp of `val_mlm_loss`) and masked-token accuracy."""
+    (exp of `val_mlm_loss`) and masked-token accuracy; the final test loss
+    and perplexity when the records hold a `test` evaluation."""
+    test = any(isinstance(r, dict) and "test" in r for r in results.values())
     lines = [
-        "| variant | final val perplexity | best val perplexity | final val masked-token accuracy |",
-        "| --- | ---: | ---: | ---: |",
+        "| variant | final val perplexity | best val perplexity | final val masked-token accuracy |"
+        + (" final test loss | final test perplexity |" if test else ""),
+        "| --- | ---: | ---: | ---: |" + (" ---: | ---: |" if test else ""),
     ]
     for name, r in results.items():
         if not isinstance(r, dict) or "epochs" not in r:
@@ -369,7 +390,11 @@ def perplexity_lines(results):
         losses = [v for v in losses if v is not None and math.isfinite(v)]
         acc = r["epochs"][-1]["logs"].get("val_accuracy", float("nan"))
         if losses:
-            lines.append(f"| {name} | {math.exp(losses[-1]):.2f} | {math.exp(min(losses)):.2f} | {acc:.4f} |")
+            line = f"| {name} | {math.exp(losses[-1]):.2f} | {math.exp(min(losses)):.2f} | {acc:.4f} |"
+            if test:
+                loss = r.get("test", {}).get("mlm_loss", float("nan"))
+                line += f" {loss:.4f} | {math.exp(loss):.2f} |"
+            lines.append(line)
     return lines
 
 
@@ -397,7 +422,7 @@ def prepare(args, build_model, title, drop_keys=()):
     compare = importlib.import_module(f"{__package__}.common" if __package__ else "common").compare
 
     data = load(args, verbose=args.verbose)
-    train, val = data["train"], data["val"]
+    train, val, test = data["train"], data["val"], data["test"]
     slots = train[0]["mask_positions"].shape[1]
     if args.verbose:
         print(
@@ -414,6 +439,14 @@ def prepare(args, build_model, title, drop_keys=()):
     mat_options = {k: getattr(args, k) for k in ("alpha", "beta", "probe_every", "probe_samples")}
     mat_options.update(ntk_output=args.ntk_output, threshold_scope=args.threshold_scope)
     data["title"] = f"{title} ({keras.config.backend()})"
+    annotate_kwargs = dict(embeddings=True, norms=True) if args.embeddings_norms else {}
+    if getattr(args, "module_kinds", None):  # an example's --modules: only these kinds are modules
+        kinds = tuple(args.module_kinds) + (("layer",) if args.embeddings_norms else ())
+        annotate_kwargs["include"] = kinds
+
+    test_data = (
+        None if test is None else functools.partial(as_dataset, test, args.batch_size, drop_keys=drop_keys)
+    )
 
     def run(variants, out_dir, run_title=None, **mat_overrides):
         results = compare(
@@ -433,8 +466,9 @@ def prepare(args, build_model, title, drop_keys=()):
             verbose=args.verbose,
             title=run_title or data["title"],
             compile_kwargs=compile_kwargs,
-            annotate_kwargs=dict(embeddings=True, norms=True) if args.embeddings_norms else {},
+            annotate_kwargs=annotate_kwargs,
             multirate_options=dict(k=args.multirate_k),
+            test_data=test_data,
         )
         extra = "\n".join(["", "Validation perplexity = exp(val_mlm_loss):", ""] + perplexity_lines(results))
         with open(os.path.join(out_dir, "results.md"), "a") as f:
