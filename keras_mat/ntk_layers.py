@@ -153,8 +153,48 @@ def _functional_of(layer):
     return None
 
 
-#: Layer kinds the factored route knows.
-ALL_KINDS = ("dense", "einsum", "conv", "depthwise", "separable")
+_ATTENTION_PARTS = {"query": "_query_dense", "key": "_key_dense", "value": "_value_dense", "output": "_output_dense"}
+
+
+def _attention_roles(layer):
+    """`{role: EinsumDense}` of a Keras MultiHeadAttention whose computation
+    is the class's own (no overridden `call` or `_compute_attention`, no
+    output gate), with every projection an EinsumDense of the factored
+    route; else None."""
+    mha = keras.layers.MultiHeadAttention
+    if not isinstance(layer, mha) or type(layer).call is not mha.call:
+        return None
+    if type(layer)._compute_attention is not mha._compute_attention or getattr(layer, "_use_gate", False):
+        return None
+    parts = {role: getattr(layer, attr, None) for role, attr in _ATTENTION_PARTS.items()}
+    if any(p is None or layer_kind(p) != "einsum" for p in parts.values()):
+        return None
+    return parts
+
+
+#: Arguments of MultiHeadAttention.call the factored route evaluates itself.
+_ATTENTION_KWARGS = ("value", "key", "use_causal_mask", "training")
+
+
+def _attention_call_supported(layer, node):
+    """Whether this call of `layer` is one `GraphPlan._attend` computes as
+    Keras would: query, value and optional key, optionally a causal mask; no
+    explicit or implicit (Keras) masks, no attention scores returned."""
+    if node is None or _attention_roles(layer) is None:
+        return False
+    get_keras_mask = _graph_internals()[3]
+    args, kwargs = node.arguments.args, node.arguments.kwargs
+    if len(args) > 3 or any(k not in _ATTENTION_KWARGS and v is not None for k, v in kwargs.items()):
+        return False
+    if not isinstance(kwargs.get("use_causal_mask", False), bool):
+        return False
+    tensors = list(args) + [kwargs.get("value"), kwargs.get("key")]
+    return not any(get_keras_mask(t) is not None for t in tensors if t is not None and hasattr(t, "shape"))
+
+
+#: Layer kinds the factored route knows ("attention": the query, key, value
+#: and output projections of a Keras MultiHeadAttention, see `_attention_roles`).
+ALL_KINDS = ("dense", "einsum", "conv", "depthwise", "separable", "attention")
 #: The convolution kinds (whose generic per-sample gradients are the costly ones).
 CONV_KINDS = ("conv", "depthwise", "separable")
 
@@ -180,26 +220,39 @@ class GraphPlan:
         self.layers = {}
         self._by_layer = {}
         self.variables = set()
+        # {id(attention layer): {projection role: key, or None (not probed)}}
+        self._attention = {}
         if self.root is None:
             return
         calls = []
         self._walk(self.root, calls, ())
         count = {}
-        for layer in calls:
+        for layer, _ in calls:
             count[id(layer)] = count.get(id(layer), 0) + 1
-        for layer in calls:
+        for layer, node in calls:
             if count[id(layer)] != 1:
                 continue  # shared layer (called at several nodes): generic route
+            if "attention" in kinds and _attention_call_supported(layer, node):
+                keys = {}
+                for role, sub in _attention_roles(layer).items():
+                    roles = {r: v for r, v in _layer_variables(sub, "einsum").items() if id(v) in wanted}
+                    keys[role] = self._register(sub, "einsum", roles) if roles else None
+                if any(keys.values()):
+                    self._attention[id(layer)] = keys
+                continue
             kind = layer_kind(layer)
             if kind not in kinds:
                 continue
             roles = {r: v for r, v in _layer_variables(layer, kind).items() if id(v) in wanted}
-            if not roles:
-                continue
-            key = f"l{len(self.layers)}"
-            self.layers[key] = (layer, kind, roles)
-            self._by_layer[id(layer)] = key
-            self.variables.update(id(v) for v in roles.values())
+            if roles:
+                self._register(layer, kind, roles)
+
+    def _register(self, layer, kind, roles):
+        key = f"l{len(self.layers)}"
+        self.layers[key] = (layer, kind, roles)
+        self._by_layer[id(layer)] = key
+        self.variables.update(id(v) for v in roles.values())
+        return key
 
     def _walk(self, functional, calls, stack):
         # Every layer call of the graph, nested Functional graphs entered.
@@ -215,7 +268,7 @@ class GraphPlan:
                 if sub is not None and sub is not functional:
                     self._walk(sub, calls, stack)
                 else:
-                    calls.append(op)
+                    calls.append((op, node))
 
     def __bool__(self):
         return bool(self.layers)
@@ -236,6 +289,8 @@ class GraphPlan:
         inputs = functional._standardize_inputs(x)
 
         def op_fn(op):
+            if id(op) in self._attention:
+                return lambda *args, **kwargs: self._attend(op, args, kwargs, hook, captures)
             key = self._by_layer.get(id(op))
             if key is not None:
                 return lambda *args, **kwargs: self._apply(key, args[0], hook, captures)
@@ -246,6 +301,32 @@ class GraphPlan:
 
         outputs = functional._run_through_graph(inputs, operation_fn=op_fn)
         return outputs[0] if isinstance(outputs, (list, tuple)) and len(outputs) == 1 else outputs
+
+    def _attend(self, layer, args, kwargs, hook, captures):
+        # MultiHeadAttention.call for the calls `_attention_call_supported`
+        # admits, with its projections evaluated here: the same sub-layers,
+        # the layer's own attention mask and attention computation.
+        get_keras_mask = _graph_internals()[3]
+        query = args[0]
+        value = args[1] if len(args) > 1 else kwargs["value"]
+        key = args[2] if len(args) > 2 else kwargs.get("key")
+        key = value if key is None else key
+        if any(get_keras_mask(t) is not None for t in (query, value, key) if hasattr(t, "shape")):
+            raise ValueError(
+                f"keras_mat: attention layer {layer.name!r} received a Keras mask at probe time that "
+                "its graph did not show; probe it with route='generic'."
+            )
+        keys, parts = self._attention[id(layer)], _attention_roles(layer)
+
+        def project(role, x):
+            return parts[role](x) if keys[role] is None else self._apply(keys[role], x, hook, captures)
+
+        mask = None
+        if kwargs.get("use_causal_mask", False):
+            mask = layer._compute_attention_mask(query, value, use_causal_mask=True)
+        q, k, v = project("query", query), project("key", key), project("value", value)
+        out, _ = layer._compute_attention(q, k, v, attention_mask=mask, training=False)
+        return project("output", out)
 
     def _apply(self, key, a, hook, captures):
         get_keras_mask, set_keras_mask = _graph_internals()[3:]

@@ -102,13 +102,14 @@ def test_chunked_probe_equals_single_pass():
     x = models.probe_batch(m, 3)
     models.set_weights_deterministic(m)
     keras_mat.annotate(m, dense=True)
-    one = keras_mat.module_lambda_max(m, x, ntk_output="sum")
-    # 64 bytes forces one pass per variable.
-    many = keras_mat.module_lambda_max(m, x, ntk_output="sum", max_probe_bytes=64)
-    probe = ntk.get_probe(m, keras_mat.get_groups(m), "sum", max_probe_bytes=64, x=x)
+    groups = keras_mat.get_groups(m)
+    # The per-sample route; 64 bytes forces one pass per variable.
+    one = ntk.get_probe(m, groups, "sum", x=x, route="generic")(x)
+    probe = ntk.get_probe(m, groups, "sum", max_probe_bytes=64, x=x, route="generic")
+    many = probe(x)
     assert len(probe._chunk_plan(3)) == len(probe.entries) > 1
-    for k in one:
-        np.testing.assert_allclose(many[k], one[k], rtol=1e-5)
+    for a, b in zip(many, one):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5)
 
 
 @pytest.mark.parametrize("ntk_output", ["logits", "sum"])
@@ -277,6 +278,14 @@ def _zoo(name):
         x = L.Dense(6, activation="relu", name="seq_fc")(x)
         x = L.EinsumDense("...b,bc->...c", 4, bias_axes="c", name="ell")(x)
         out = L.Dense(2, name="fc")(L.GlobalAveragePooling1D()(x))
+    elif name == "attention_causal_and_cross":
+        # Heads of a causal self-attention and of an attention whose key and
+        # value differ from its query (other width, separate key tensor).
+        inp = keras.Input((5, 4))
+        x = L.MultiHeadAttention(2, 3, name="causal")(inp, inp, use_causal_mask=True)
+        kv = L.Dense(6, activation="tanh", name="kv")(inp)
+        x = L.MultiHeadAttention(3, 2, name="cross")(x, kv, key=kv * 0.5)
+        out = L.Dense(2, name="fc")(L.Flatten()(x))
     else:  # nested Sequential with BatchNorm, residual add
         inp = keras.Input((6, 6, 3))
         block = keras.Sequential(
@@ -297,6 +306,7 @@ ZOO = [
     "channels_first",
     "conv3d_depthwise2d",
     "einsum_and_sequence_dense",
+    "attention_causal_and_cross",
     "nested_residual",
 ]
 
@@ -328,14 +338,46 @@ def test_factored_and_generic_routes_agree():
         assert _rel_err(a, b) < 1e-4, (a, b)
 
 
-def _patch_attention(seq_len=8):
+class _OwnCallAttention(keras.layers.MultiHeadAttention):
+    # A subclass with its own `call`: the factored route calls it whole.
+    def call(self, query, value, key=None, training=None):
+        return super().call(query, value, key=key, training=training)
+
+
+def _patch_attention(seq_len=8, attention=_OwnCallAttention):
     # A strided-conv patch embedding, attention, pooling and a Dense head.
     inp = keras.Input((seq_len, seq_len, 3))
     x = keras.layers.Conv2D(6, 4, strides=4, name="patch")(inp)
     x = keras.layers.Reshape(((seq_len // 4) ** 2, 6))(x)
-    x = keras.layers.MultiHeadAttention(2, 3, name="mha")(x, x)
+    x = attention(2, 3, name="mha")(x, x)
     x = keras.layers.GlobalAveragePooling1D()(x)
     return keras.Model(inp, keras.layers.Dense(3, name="head")(x), name="patch_attention")
+
+
+def test_patch_attention_takes_one_factored_pass():
+    # Convolution filters and the heads of a Keras MultiHeadAttention: one pass.
+    m = _patch_attention(attention=keras.layers.MultiHeadAttention)
+    x = np.random.RandomState(3).randn(3, 8, 8, 3).astype("float32")
+    _check_against_reference(m, x, "sum")
+    probe = ntk.get_probe(m, keras_mat.get_groups(m), "sum", x=x)
+    assert probe.route == "factored" and not probe.entries
+
+
+def test_masked_attention_keeps_the_generic_route():
+    # A Keras mask (padding tokens) reaches the attention: its computation is
+    # then left to the layer itself, and its heads to the per-sample route.
+    inp = keras.Input((5,), dtype="int32")
+    x = keras.layers.Embedding(7, 4, mask_zero=True, name="emb")(inp)
+    x = keras.layers.MultiHeadAttention(2, 3, name="mha")(x, x)
+    m = keras.Model(inp, keras.layers.Dense(2, name="fc")(keras.layers.GlobalAveragePooling1D()(x)))
+    x = np.array([[1, 2, 3, 0, 0], [4, 5, 6, 1, 0], [2, 2, 0, 0, 0]], "int32")
+    models.set_weights_deterministic(m)
+    keras_mat.annotate(m)
+    fast = keras_mat.module_lambda_max(m, x, ntk_output="sum")
+    ref = reference_lambda_max(m, x, ntk_output="sum")
+    assert _rel_err(fast["mha/heads"], ref["mha/heads"]) < RTOL
+    probe = ntk.get_probe(m, keras_mat.get_groups(m), "sum", x=x)
+    assert probe.route == "generic"
 
 
 def test_mixed_route_matches_reference():
