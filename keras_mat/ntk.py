@@ -593,7 +593,10 @@ class Probe:
                 fams, fn = self._generic_fn(chunk)
                 self._kernels[key] = (
                     fams,
-                    backends.get().compile_probe(fn, xla=self._xla, fast=self.fast_compile)
+                    # (TensorFlow's vectorized per-sample pass needs XLA on attention models.)
+                    backends.get().compile_probe(
+                        fn, xla="required" if self._xla else False, fast=self.fast_compile
+                    )
                     if compiled
                     else fn,
                 )

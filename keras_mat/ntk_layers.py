@@ -153,7 +153,12 @@ def _functional_of(layer):
     return None
 
 
-_ATTENTION_PARTS = {"query": "_query_dense", "key": "_key_dense", "value": "_value_dense", "output": "_output_dense"}
+_ATTENTION_PARTS = {
+    "query": "_query_dense",
+    "key": "_key_dense",
+    "value": "_value_dense",
+    "output": "_output_dense",
+}
 
 
 def _attention_roles(layer):

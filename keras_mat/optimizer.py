@@ -600,7 +600,10 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         # The blended variables: trainable ones with a gradient, and their slots.
         blended = [
             (p, v)
-            for plan, variables, live in ((self._trainable_plan, tvars, live_t), (self._inner_plan, ivars, live_i))
+            for plan, variables, live in (
+                (self._trainable_plan, tvars, live_t),
+                (self._inner_plan, ivars, live_i),
+            )
             for p, v, lv in zip(plan, variables, live)
             if p is not None and lv
         ]

@@ -404,7 +404,9 @@ def test_fast_compile_probe_matches_reference(ntk_output):
     models.set_weights_deterministic(m)
     keras_mat.annotate(m, dense=True)
     x = np.random.RandomState(1).randn(3, 8, 8, 3).astype("float32")
-    probe = ntk.Probe(m, keras_mat.get_groups(m), ntk_output, rows_per_sample=3 if ntk_output == "logits" else 1)
+    probe = ntk.Probe(
+        m, keras_mat.get_groups(m), ntk_output, rows_per_sample=3 if ntk_output == "logits" else 1
+    )
     probe.fast_compile = True
     fast = dict(zip([g.name for g in probe.groups], (np.asarray(v) for v in probe(x))))
     ref = reference_lambda_max(m, x, ntk_output=ntk_output)

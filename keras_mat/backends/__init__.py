@@ -8,8 +8,10 @@ Every backend module exposes the same small set of functions:
   `(n, k, *value.shape)`, in one vectorized pass where the backend allows.
 - `compile_probe(fn, xla, fast=False)`: wraps a pure function for repeated
   calls (`jax.jit`, `tf.function`, identity on torch; on CPU, JAX compiles
-  with XLA's loop emitters); `fast` trades run time for a shorter compile
-  where the backend allows (JAX on CPU).
+  with XLA's loop emitters); `xla` is True (XLA preferred), `"required"`
+  (the pass needs it) or False; `fast` trades run time for a shorter
+  compile where the backend allows (JAX on CPU: no LLVM optimization;
+  TensorFlow: no XLA unless required).
 - `vjp(fn, values)` / `jvp(fn, values, tangents)`: reverse and forward
   products of a batched function, for the matrix-free method.
 - `gram_operand(flat)`: the `(rows, G, p)` block of a Gram contraction, laid

@@ -124,7 +124,7 @@ _FAST_COMPILE = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _known_options(fast):
     known = {}
     for name, value in (_FAST_COMPILE if fast else _PROBE_COMPILE).items():

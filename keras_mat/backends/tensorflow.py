@@ -66,10 +66,15 @@ def gram_operand(flat):
 
 
 def compile_probe(fn, xla=True, fast=False):
-    del fast  # no per-function XLA options on TensorFlow
+    # `fast` (a fit that measures a few times): a graph without XLA where
+    # the pass does not need XLA (`xla=True` rather than "required").
+    # Measured on layer-factored probes: a small transformer's compiles in
+    # 0.8 s instead of 2.9 s and runs as fast; a VGG's "logits" probe runs
+    # 1.5x slower without XLA, which a long fit repays.
+    jit_compile = xla == "required" or (bool(xla) and not fast)
     # One trace per input signature (batch size included): a relaxed
     # signature would leave the batch size unknown (None) inside the probe.
-    return tf.function(fn, jit_compile=xla, autograph=False)
+    return tf.function(fn, jit_compile=jit_compile, autograph=False)
 
 
 def vjp(fn, values):
