@@ -516,8 +516,7 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         )
         return {g.name: k for g, k in zip(self.families, keep)}
 
-    def _blend(self, keep, plan, new_values, old_values, conditions=None):
-        conditions = _Conditions(keep) if conditions is None else conditions
+    def _blend(self, conditions, plan, new_values, old_values):
         out = []
         for p, new, old in zip(plan, new_values, old_values):
             if p is None or old is None:
@@ -662,8 +661,8 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
             plan_t = [p if lv else None for p, lv in zip(self._trainable_plan, live_t)]
             plan_i = [p if lv else None for p, lv in zip(self._inner_plan, self._live(live_t))]
             conditions = _Conditions(keep)
-            new_t = self._blend(keep, plan_t, new_t, trainable_variables, conditions)
-            new_i = self._blend(keep, plan_i, new_i, inner_values, conditions)
+            new_t = self._blend(conditions, plan_t, new_t, trainable_variables)
+            new_i = self._blend(conditions, plan_i, new_i, inner_values)
         # Values may be Variables when a LossScaleOptimizer nests the wrapper
         # (it passes `inner_optimizer.variables` inside its StatelessScope).
         own_values = [ops.convert_to_tensor(x) for x in own_values]
