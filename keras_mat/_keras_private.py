@@ -31,3 +31,15 @@ from keras.src.models.functional import Functional, operation_fn  # noqa: F401
 # Optimizer state kept in plain dicts must not be re-tracked by Keras's
 # attribute tracking (it would register every MAT state variable twice).
 from keras.src.utils.tracking import no_automatic_dependency_tracking  # noqa: F401
+
+
+# MultiHeadAttention's own causal mask and attention computation (private
+# methods; Keras exports only the whole `call`), for the layer-factored probe,
+# which evaluates the layer's projections itself and must compute the rest
+# exactly as `call` does.
+def attention_causal_mask(layer, query, value):
+    return layer._compute_attention_mask(query, value, use_causal_mask=True)
+
+
+def attention_output(layer, query, key, value, mask):
+    return layer._compute_attention(query, key, value, attention_mask=mask, training=False)[0]

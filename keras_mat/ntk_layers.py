@@ -328,9 +328,9 @@ class GraphPlan:
 
         mask = None
         if kwargs.get("use_causal_mask", False):
-            mask = layer._compute_attention_mask(query, value, use_causal_mask=True)
+            mask = kp.attention_causal_mask(layer, query, value)
         q, k, v = project("query", query), project("key", key), project("value", value)
-        out, _ = layer._compute_attention(q, k, v, attention_mask=mask, training=False)
+        out = kp.attention_output(layer, q, k, v, mask)
         return project("output", out)
 
     def _apply(self, key, a, hook, captures):
