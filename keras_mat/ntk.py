@@ -250,10 +250,11 @@ def _eigvalsh64(matrices):
         return np.sort(np.linalg.svd(matrices, compute_uv=False), axis=-1)
 
 
-def _lanczos_batched(g, steps, rng):
+def _lanczos_batched(g, steps, rng, scale):
     """Top Ritz pair of every matrix of a symmetric `(B, m, m)` stack after
     `steps` Lanczos steps (full re-orthogonalisation, one start vector for
-    all); a step whose next vector vanishes (an invariant subspace) adds zeros."""
+    all); a step whose next vector vanishes against the matrix's `scale`
+    (an invariant subspace) adds zeros."""
     count, m = g.shape[0], g.shape[-1]
     k = min(steps, m)
     basis = np.zeros((count, k, m))
@@ -269,7 +270,7 @@ def _lanczos_batched(g, steps, rng):
         if j + 1 == k:
             break
         b = np.linalg.norm(w, axis=1)
-        alive = b > 1e-12
+        alive = b > 1e-12 * scale
         betas[:, j] = np.where(alive, b, 0.0)
         basis[:, j + 1] = np.where(alive[:, None], w / np.where(alive, b, 1.0)[:, None], 0.0)
     t = np.zeros((count, k, k))
@@ -282,54 +283,68 @@ def _lanczos_batched(g, steps, rng):
     return theta[:, -1], ritz
 
 
-def top_eigenvalues_numpy(grams, steps=12, tol=1e-6):
+def _dense_top(g, scale):
+    # Symmetrized and scaled to order one, for LAPACK.
+    g = (g + np.swapaxes(g, 1, 2)) * (0.5 / scale[:, None, None])
+    return _eigvalsh64(g)[:, -1] * scale
+
+
+#: Lanczos steps of the first run of `top_eigenvalues_numpy`, then of the
+#: run for the matrices whose first Ritz pair was not accepted.
+LANCZOS_STEPS = (6, 24)
+
+
+def top_eigenvalues_numpy(grams, steps=LANCZOS_STEPS, tol=1e-6):
     """Largest eigenvalue of each symmetric PSD matrix of a `(B, m, m)` numpy
     stack, in float64.
 
     Small matrices go to a dense eigensolver. Larger ones get a batched
-    Lanczos run (`steps` steps, full re-orthogonalisation); its top Ritz
+    Lanczos run (`steps[0]` steps, full re-orthogonalisation); its top Ritz
     pair is accepted when its residual `|G v - theta v|` is at most
-    `tol * max|G|` (for a PSD matrix `max|G| <= lambda_max`, so the
-    eigenvalue is then right to `tol` relative); the others get a run three
-    times as long, then what is left is solved densely. Non-finite matrices
-    give NaN.
+    `tol * max_i |G_ii|` (for a PSD matrix no entry is larger than the
+    largest diagonal one, and that is at most `lambda_max`, so the eigenvalue
+    is then right to `tol` relative). The others get a run of `steps[1]`
+    steps, and what is still left is solved densely. Non-finite matrices give
+    NaN.
+
+    A matrix that is symmetric only up to rounding is solved as its
+    symmetric part: the Rayleigh quotients Lanczos takes do not see the
+    antisymmetric part, and the residual test bounds what it adds.
 
     Returns:
         A float64 array `(B,)`.
     """
-    grams = np.array(grams, dtype=np.float64)
-    grams += np.swapaxes(grams, 1, 2)
-    grams *= 0.5
+    grams = np.asarray(grams)
     count, m = grams.shape[0], grams.shape[-1]
     top = np.full((count,), np.nan)
-    finite = np.all(np.isfinite(grams), axis=(1, 2))
+    if grams.dtype.itemsize <= 4:
+        # (A float64 sum of float32 entries cannot overflow.)
+        finite = np.isfinite(grams.sum(axis=(1, 2), dtype=np.float64))
+    else:
+        finite = np.all(np.isfinite(grams), axis=(1, 2))
     if not finite.any():
         return top
-    g = grams if finite.all() else grams[finite]
-    scale = np.max(np.abs(g.reshape(g.shape[0], -1)), axis=1)
+    g = np.array(grams if finite.all() else grams[finite], dtype=np.float64)
+    scale = np.max(np.abs(np.diagonal(g, axis1=1, axis2=2)), axis=1)
     scale = np.where(scale > 0, scale, 1.0)
-    g /= scale[:, None, None]
     if m <= DENSE_EIGH_MAX:
-        top[finite] = _eigvalsh64(g)[:, -1] * scale
+        top[finite] = _dense_top(g, scale)
         return top
     result = np.empty(g.shape[0])
     todo = np.arange(g.shape[0])
     rng = np.random.default_rng(0)
-    # A longer run for the matrices that have not converged (close top
-    # eigenvalues), then the dense solver for what is left.
-    for k in (steps, 3 * steps):
+    for k in steps:
         gs = g if todo.size == g.shape[0] else g[todo]
-        theta, ritz = _lanczos_batched(gs, k, rng)
+        theta, ritz = _lanczos_batched(gs, k, rng, scale[todo])
         residual = np.linalg.norm(np.einsum("bij,bj->bi", gs, ritz) - theta[:, None] * ritz, axis=1)
-        done = residual <= tol
-
+        done = residual <= tol * scale[todo]
         result[todo[done]] = theta[done]
         todo = todo[~done]
         if not todo.size or k >= m:
             break
     if todo.size:
-        result[todo] = _eigvalsh64(g[todo])[:, -1]
-    top[finite] = result * scale
+        result[todo] = _dense_top(g[todo], scale[todo])
+    top[finite] = result
     return top
 
 
