@@ -132,7 +132,30 @@ def vgg_batch(args, n, rng):
     return x, rng.integers(0, 10, size=(n,)).astype("int32")
 
 
-MODELS = {"bert": (build_bert, bert_batch), "vgg": (build_vgg, vgg_batch)}
+def build_resnet(args):
+    """A small residual CNN (not one of the test models): a 3x3 stem, two
+    residual blocks of 3x3 and 1x1 convolutions (the second strided, with a
+    1x1 projection), global pooling and a 10-way Dense head."""
+    import keras
+
+    w = args.vgg_width
+    inputs = keras.Input((32, 32, 3))
+    h = keras.layers.Conv2D(w, 3, padding="same", activation="relu")(inputs)
+    for c, stride in ((w, 1), (2 * w, 2)):
+        r = keras.layers.Conv2D(c, 3, strides=stride, padding="same", activation="relu")(h)
+        r = keras.layers.Conv2D(c, 1)(r)
+        skip = h if stride == 1 and c == h.shape[-1] else keras.layers.Conv2D(c, 1, strides=stride)(h)
+        h = keras.layers.Activation("relu")(keras.layers.Add()([r, skip]))
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    model = keras.Model(inputs, keras.layers.Dense(10)(h), name="resnet")
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model, [m for m in args.vgg_outputs.split(",") if m]
+
+
+MODELS = {"bert": (build_bert, bert_batch), "vgg": (build_vgg, vgg_batch), "resnet": (build_resnet, vgg_batch)}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -425,20 +425,25 @@ class GraphPlan:
                     out[id(var)] = module_gram(jac, axis, num)
                     continue
                 gram = None
-                if (
-                    kind == "conv"
-                    and layer.groups == 1
-                    and axis == len(var.shape) - 1
-                    and num == var.shape[-1]
-                ):
-                    # One module per filter: per-sample gradients tap by tap
-                    # (no stacked patches, which cost more than the products).
-                    gram = _per_filter_gram(_conv_taps(layer, a), d)
+                per_output = axis == len(var.shape) - 1 and num == var.shape[-1]
+                if kind == "conv" and layer.groups == 1 and per_output:
+                    # One module per filter: from the identity where positions
+                    # are few, else per-sample gradients tap by tap (no stacked
+                    # patches, which cost more than the products).
+                    taps = _conv_taps(layer, a)
+                    d2 = ops.reshape(d, (d.shape[0], d.shape[1], -1, d.shape[-1]))
+                    if _per_output_identity_pays(taps, d2, max_bytes):
+                        gram = _per_output_identity_gram(taps, d2)
+                    else:
+                        gram = _per_filter_gram(taps, d)
                 elif kind == "dense" or (kind == "conv" and layer.groups == 1) or role == "pointwise":
                     a2, d2, kshape = _matmul_form(layer, kind, role, a, d)
                     gram = _identity_gram(a2, d2, rows_per_sample, axis, num, kshape, max_bytes)
-                    if gram is None and axis == len(var.shape) - 1 and num == kshape[1]:
-                        gram = _per_output_gram(a2, d2)
+                    if gram is None and per_output:
+                        if _per_output_identity_pays([a2], d2, max_bytes):
+                            gram = _per_output_identity_gram([a2], d2)
+                        else:
+                            gram = _per_output_gram(a2, d2)
                     if gram is None:
                         jac = ops.reshape(_matmul_grad(a2, d2), (-1,) + tuple(var.shape))
                         gram = module_gram(jac, axis, num)
@@ -594,6 +599,40 @@ def _per_filter_gram(taps, d):
     g = ops.stack([ops.einsum("nsk,rnsc->cnrk", t, d2) for t in taps], axis=3)  # (C, n, R, T, Cin)
     g = ops.reshape(g, (c, n * r, -1))
     return ops.matmul(g, ops.transpose(g, (0, 2, 1)))
+
+
+def _per_output_identity_pays(parts, d2, max_bytes):
+    """Whether `_per_output_identity_gram` costs fewer multiply-adds than
+    `_per_output_gram` and its intermediates fit in `max_bytes`."""
+    r, n, s, c = d2.shape
+    k = sum(p.shape[-1] for p in parts)
+    cost_identity = (n * s) ** 2 * k + n * n * r * s * c * (s + r)
+    cost_materialize = n * r * s * k * c + (n * r) ** 2 * k * c
+    itemsize = 8 if keras.backend.standardize_dtype(d2.dtype) == "float64" else 4
+    biggest = max((n * s) ** 2, n * n * r * s * c) * itemsize
+    # (The identity's contractions run at about half the rate of the batched
+    # Gram products on CPU, so it must save more than half.)
+    return 2 * cost_identity < cost_materialize and biggest <= max_bytes
+
+
+def _per_output_identity_gram(parts, d2):
+    """`_per_output_gram` from the identity.
+
+    For output channel c, `G_c[(i,r), (j,q)] = sum_{s,t} A[i,s,j,t]
+    d[r,i,s,c] d[q,j,t,c]`, where `A[i,s,j,t] = a_is . a_jt` is shared by
+    every channel. `parts`: the input as `[(n, S, K_k)]` whose concatenation
+    along the last axis is the layer's input row (one part per convolution
+    tap, or the whole input); `d2`: `(R, n, S, C)`.
+    """
+    r, n, s, c = d2.shape
+    flat = [ops.reshape(p, (n * s, p.shape[-1])) for p in parts]
+    aa = ops.matmul(flat[0], ops.transpose(flat[0]))
+    for f in flat[1:]:
+        aa = aa + ops.matmul(f, ops.transpose(f))
+    aa = ops.reshape(aa, (n, s, n, s))
+    b = ops.einsum("isjt,qjtc->isjcq", aa, d2)  # contracts t, batched over j
+    g = ops.einsum("risc,isjcq->cirjq", d2, b)  # contracts s, batched over (i, c)
+    return ops.reshape(g, (c, n * r, n * r))
 
 
 def _identity_gram(a2, d2, rows, axis, num, kshape, max_bytes):

@@ -1,6 +1,7 @@
 """lambda_max: fast Gram path and Lanczos against the dense reference."""
 
 import warnings
+from unittest import mock
 
 import keras
 import numpy as np
@@ -286,6 +287,12 @@ def _zoo(name):
         kv = L.Dense(6, activation="tanh", name="kv")(inp)
         x = L.MultiHeadAttention(3, 2, name="cross")(x, kv, key=kv * 0.5)
         out = L.Dense(2, name="fc")(L.Flatten()(x))
+    elif name == "conv_few_positions_wide":
+        # Few positions and many filters: per-filter Grams from the identity.
+        inp = keras.Input((4, 4, 6))
+        x = L.Conv2D(16, 3, strides=2, padding="same", activation="tanh", name="down")(inp)
+        x = L.Conv2D(24, 3, padding="same", activation="tanh", name="wide")(x)
+        out = L.Dense(2, name="fc")(L.Flatten()(x))
     else:  # nested Sequential with BatchNorm, residual add
         inp = keras.Input((6, 6, 3))
         block = keras.Sequential(
@@ -307,6 +314,7 @@ ZOO = [
     "conv3d_depthwise2d",
     "einsum_and_sequence_dense",
     "attention_causal_and_cross",
+    "conv_few_positions_wide",
     "nested_residual",
 ]
 
@@ -316,8 +324,16 @@ ZOO = [
 def test_factored_route_matches_reference(name, ntk_output):
     if BACKEND == "torch" and name == "channels_first" and ntk_output == "sum":
         pytest.skip("covered by 'logits' (same kernels); keeps the torch session short")
+    from keras_mat import ntk_layers
+
     m, x = _zoo(name)
-    fast, _ = _check_against_reference(m, x, ntk_output)
+    with mock.patch.object(
+        ntk_layers, "_per_output_identity_gram", wraps=ntk_layers._per_output_identity_gram
+    ) as identity:
+        fast, _ = _check_against_reference(m, x, ntk_output)
+    if name == "conv_few_positions_wide":
+        # The wide layer's filters took the identity.
+        assert any(len(c.args[0]) == 9 for c in identity.call_args_list), identity.call_args_list
     probe = ntk.get_probe(m, keras_mat.get_groups(m), ntk_output, x=x)
     assert probe.route == "factored", probe.route
     # Nothing of the model was replaced to capture inputs and output gradients.
@@ -620,3 +636,46 @@ def test_per_filter_gram_equals_stacked_patches(shape, kernel, strides, padding,
     atol = 1e-5 * np.abs(ref).max()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=atol)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=atol)
+    # The same Grams from the identity (input Gram over positions, shared by
+    # every filter).
+    d2 = ops.reshape(d, (rows, n, -1, filters))
+    by_identity = ops.convert_to_numpy(L._per_output_identity_gram(taps, d2))
+    np.testing.assert_allclose(by_identity, ref, rtol=1e-4, atol=atol)
+
+
+@pytest.mark.parametrize("positions, rows", [(1, 1), (1, 4), (5, 3)])
+def test_per_output_identity_gram_of_a_dense_layer(positions, rows):
+    from keras_mat import ntk_layers as L
+
+    ops = keras.ops
+    rng = np.random.RandomState(2)
+    n, k, c = 4, 7, 6
+    a2 = rng.randn(n, positions, k)
+    d2 = rng.randn(rows, n, positions, c)
+    jac = np.einsum("nsk,rnsc->cnrk", a2, d2).reshape(c, n * rows, k)
+    ref = jac @ jac.transpose(0, 2, 1)
+    a_t, d_t = ops.convert_to_tensor(a2.astype("float32")), ops.convert_to_tensor(d2.astype("float32"))
+    got = ops.convert_to_numpy(L._per_output_identity_gram([a_t], d_t))
+    atol = 1e-5 * np.abs(ref).max()
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=atol)
+    # Split along the input axis (as a convolution's taps are): the same.
+    parts = [a_t[..., :3], a_t[..., 3:]]
+    np.testing.assert_allclose(ops.convert_to_numpy(L._per_output_identity_gram(parts, d_t)), ref, rtol=1e-4, atol=atol)
+
+
+def test_per_output_identity_is_chosen_where_positions_are_few():
+    from keras_mat import ntk_layers as L
+
+    ops = keras.ops
+
+    def d(rows, n, s, c):
+        return ops.zeros((rows, n, s, c))
+
+    # A late VGG layer: 16 positions, 16 samples x 10 rows, 1152 inputs, 128 filters.
+    assert L._per_output_identity_pays([ops.zeros((16, 16, 1152))], d(10, 16, 16, 128), 1 << 30)
+    # An early one: 1024 positions, 27 inputs; a middle one, where the identity
+    # saves too little: 64 positions.
+    assert not L._per_output_identity_pays([ops.zeros((16, 64, 576))], d(10, 16, 64, 128), 1 << 30)
+    assert not L._per_output_identity_pays([ops.zeros((16, 1024, 27))], d(10, 16, 1024, 32), 1 << 30)
+    # Cheaper, but its intermediates exceed the byte bound.
+    assert not L._per_output_identity_pays([ops.zeros((16, 16, 1152))], d(10, 16, 16, 128), 1 << 10)
