@@ -34,6 +34,7 @@ import keras
 from keras import ops
 
 from keras_mat import _keras_private as kp
+from keras_mat import backends
 
 # --------------------------------------------------------------------------------------
 # Which layers are evaluated here
@@ -428,12 +429,16 @@ class GraphPlan:
                 per_output = axis == len(var.shape) - 1 and num == var.shape[-1]
                 if kind == "conv" and layer.groups == 1 and per_output:
                     # One module per filter: from the identity where positions
-                    # are few, else per-sample gradients tap by tap (no stacked
-                    # patches, which cost more than the products).
+                    # are few, else from per-sample gradients, formed from the
+                    # stacked patches or tap by tap (whichever the backend
+                    # runs faster).
                     taps = _conv_taps(layer, a)
                     d2 = ops.reshape(d, (d.shape[0], d.shape[1], -1, d.shape[-1]))
                     if _per_output_identity_pays(taps, d2, max_bytes):
                         gram = _per_output_identity_gram(taps, d2)
+                    elif backends.get().conv_gram_from_patches(d2.shape[2]):
+                        patches = ops.stack(taps, axis=-2)
+                        gram = _per_output_gram(ops.reshape(patches, tuple(patches.shape[:2]) + (-1,)), d2)
                     else:
                         gram = _per_filter_gram(taps, d)
                 elif kind == "dense" or (kind == "conv" and layer.groups == 1) or role == "pointwise":

@@ -19,6 +19,9 @@ Every backend module exposes the same small set of functions:
 - `output_gradients(run, rows)`: for the layer-factored probe, the captured
   layer inputs and the gradients at the grouped layers' outputs, one batched
   backward pass per output row.
+- `conv_gram_from_patches(positions)`: whether the per-filter Grams of a
+  convolution with this many output positions are formed from its stacked
+  patches (one product) rather than tap by tap (one product per kernel tap).
 - `split_samples(tree)`: the probe samples laid out like a training batch
   (JAX under `keras.distribution`: split over the batch axis).
 - `snapshot(variable)`: the variable's current value, for a probe pass.

@@ -88,6 +88,14 @@ def output_gradients(run, rows):
     return aux, grads
 
 
+def conv_gram_from_patches(positions):
+    # Tap by tap: XLA fuses the stacked patches into the contraction badly
+    # (measured on every layer of a small VGG, n=16: 28 ms for the six layers
+    # tap by tap against 35 ms from patches with one row per sample).
+    del positions
+    return False
+
+
 def snapshot(variable):
     return variable.value
 

@@ -56,6 +56,13 @@ def output_gradients(run, rows):
     return aux, {k: tf.stack([g[i] for g in per_row]) for i, k in enumerate(keys)}
 
 
+def conv_gram_from_patches(positions):
+    # Measured on a small VGG's layers, n=16, 1 and 10 rows per sample: the
+    # stacked patches are faster on 32x32 and 16x16 maps (10 rows: 79 against
+    # 130 ms for four layers), the taps on 8x8 maps (169 against 247 ms).
+    return positions >= 256
+
+
 def snapshot(variable):
     # A tensor, not the tf.Variable (which a tf.function would capture).
     return tf.convert_to_tensor(variable.value)

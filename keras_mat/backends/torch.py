@@ -94,6 +94,14 @@ def output_gradients(run, rows):
     return aux, {k: torch.stack([r[i] for r in per_row]) for i, k in enumerate(keys)}
 
 
+def conv_gram_from_patches(positions):
+    # One product of the stacked patches beats one per tap on every layer of
+    # a small VGG, n=16 (10 rows per sample: 261 against 450 ms for the six
+    # layers; the taps of a 3-channel input cost 8x more).
+    del positions
+    return True
+
+
 def snapshot(variable):
     return variable.value.detach()
 
