@@ -1,8 +1,8 @@
 """Cost of one lambda_max probe versus one training step, per-sample route against
 layer-factored route.
 
-For a small keras-hub BERT masked LM and a small VGG-style CNN, and for each probe
-size n, measures on the active Keras backend (KERAS_BACKEND):
+For a small keras-hub BERT masked LM, a small VGG-style CNN and a small residual CNN,
+and for each probe size n, measures on the active Keras backend (KERAS_BACKEND):
 
 * one training step at batch size n (`model.train_on_batch`, Adam, after warm-up);
 * one lambda_max probe at the same n (`keras_mat.ntk.get_probe(...)(x, y)`, which
@@ -21,7 +21,7 @@ JAX and TensorFlow, 2x on PyTorch; "logits" with 10 classes at most 12x; BERT pr
 slower than before.
 
 Usage:
-    KERAS_BACKEND=jax .venv/bin/python benchmarks/lambda_max.py --models bert,vgg --n 8,16,32 --rounds 3
+    KERAS_BACKEND=jax .venv/bin/python benchmarks/lambda_max.py --models vgg,resnet,bert --n 8,16,32 --rounds 3
     .venv/bin/python benchmarks/lambda_max.py --table   # rebuild results/lambda_max.md from the JSONs
 
 The module families are those `keras_mat.discover_groups` finds (attention heads, conv
@@ -52,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--n", default="8,16,32")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--routes", default="generic,auto")
-    p.add_argument("--vgg-outputs", default="sum,logits", help="ntk_output values probed on VGG")
+    p.add_argument("--vgg-outputs", default="sum,logits", help="ntk_output values probed on the CNNs")
     p.add_argument("--out", default=None, help="default: benchmarks/results/lambda_max_<backend>.json")
     p.add_argument("--bert-layers", type=int, default=4)
     p.add_argument("--bert-hidden", type=int, default=256)
@@ -60,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--vocab", type=int, default=8000)
     p.add_argument("--mask-positions", type=int, default=20)
-    p.add_argument("--vgg-width", type=int, default=32)
+    p.add_argument("--vgg-width", type=int, default=32, help="base width of both CNNs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--table", action="store_true", help="only rebuild the markdown table from existing JSONs")
     p.add_argument("--md", default=os.path.join(RESULTS, "lambda_max.md"))
