@@ -155,7 +155,11 @@ def build_resnet(args):
     return model, [m for m in args.vgg_outputs.split(",") if m]
 
 
-MODELS = {"bert": (build_bert, bert_batch), "vgg": (build_vgg, vgg_batch), "resnet": (build_resnet, vgg_batch)}
+MODELS = {
+    "bert": (build_bert, bert_batch),
+    "vgg": (build_vgg, vgg_batch),
+    "resnet": (build_resnet, vgg_batch),
+}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,9 +19,11 @@ layer's pre-activation output. For a probe, this file:
   gradient at every captured layer output for every sample and row at once
   (samples do not interact under `training=False`).
 - forms each probed variable's per-sample gradients (an einsum of input and
-  output gradient, over positions or patches), or, for whole-layer modules
-  where it is cheaper, the module's Gram block directly from the identity
-  G_rq = sum_{s,t} (a_rs . a_qt)(d_rs . d_qt).
+  output gradient, over positions or patches), or, where it is cheaper, the
+  modules' Gram blocks directly from the identity
+  G_rq = sum_{s,t} (a_rs . a_qt)(d_rs . d_qt): for a whole-layer module, and
+  for one module per output channel (a conv filter), with the output
+  gradients restricted to that channel and the input Gram shared by all.
 """
 
 from __future__ import annotations

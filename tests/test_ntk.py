@@ -660,7 +660,9 @@ def test_per_output_identity_gram_of_a_dense_layer(positions, rows):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=atol)
     # Split along the input axis (as a convolution's taps are): the same.
     parts = [a_t[..., :3], a_t[..., 3:]]
-    np.testing.assert_allclose(ops.convert_to_numpy(L._per_output_identity_gram(parts, d_t)), ref, rtol=1e-4, atol=atol)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(L._per_output_identity_gram(parts, d_t)), ref, rtol=1e-4, atol=atol
+    )
 
 
 def test_per_output_identity_is_chosen_where_positions_are_few():
