@@ -1,5 +1,6 @@
 """lambda_max: fast Gram path and Lanczos against the dense reference."""
 
+import threading
 import warnings
 from unittest import mock
 
@@ -604,6 +605,41 @@ def test_top_eigenvalue_solver_on_ntk_like_stacks():
     grams = np.stack(stacks)
     top = ntk.top_eigenvalues_numpy(grams.astype("float32"))
     np.testing.assert_allclose(top, np.linalg.eigvalsh(grams)[:, -1], rtol=1e-6)
+
+
+def test_top_eigenvalue_solver_split_over_threads_gives_the_same_values(monkeypatch):
+    # A stack bigger than one task runs its Lanczos steps in parts on the
+    # pool; each matrix is solved alone, so the values are those of one part,
+    # bit for bit, the non-finite and the densely solved ones included.
+    rng = np.random.RandomState(2)
+    m = 60
+    stacks = []
+    for i in range(23):
+        a = rng.randn(m, 1 + (7 * i) % m)
+        stacks.append(a @ a.T)
+    q, _ = np.linalg.qr(rng.randn(m, m))
+    stacks.append((q * np.linspace(1.0, 0.999, m)) @ q.T)  # left to the dense solver
+    grams = np.stack(stacks).astype("float32")
+    grams[5, 1, 2] = np.inf
+    monkeypatch.setattr(ntk, "_eig_workers", lambda: 1)
+    whole = ntk.top_eigenvalues_numpy(grams)
+    names = set()
+    lanczos_part = ntk._lanczos_part
+
+    def part(*args):
+        names.add(threading.current_thread().name)
+        return lanczos_part(*args)
+
+    monkeypatch.setattr(ntk, "_eig_workers", lambda: 2)
+    monkeypatch.setattr(ntk, "_lanczos_part", part)
+    monkeypatch.setattr(ntk, "EIG_TASK_BYTES", 5 * m * m * 8)  # five matrices a part
+    split = ntk.top_eigenvalues_numpy(grams)
+    assert any(name.startswith("keras_mat-eig") for name in names), names
+    np.testing.assert_array_equal(split, whole)
+    assert np.isnan(split[5]) and np.all(np.isfinite(np.delete(split, 5)))
+    np.testing.assert_allclose(
+        np.delete(split, 5), np.delete(np.linalg.eigvalsh(grams.astype("float64"))[:, -1], 5), rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize(

@@ -132,16 +132,20 @@ _FAST_COMPILE = {
 }
 
 
+def _compiles_with(options):
+    try:
+        jax.jit(lambda t: t + 1, compiler_options=options).lower(np.float32(0)).compile()
+    except Exception:  # an option this jaxlib does not have
+        return False
+    return True
+
+
 @functools.cache
 def _known_options(fast):
-    known = {}
-    for name, value in (_FAST_COMPILE if fast else _PROBE_COMPILE).items():
-        try:
-            jax.jit(lambda t: t + 1, compiler_options={name: value}).lower(np.float32(0)).compile()
-        except Exception:  # an option this jaxlib does not have
-            continue
-        known[name] = value
-    return known
+    options = _FAST_COMPILE if fast else _PROBE_COMPILE
+    if _compiles_with(options):  # one test compile when the jaxlib knows them all
+        return dict(options)
+    return {name: value for name, value in options.items() if _compiles_with({name: value})}
 
 
 def compile_probe(fn, xla=True, fast=False):
