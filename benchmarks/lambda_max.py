@@ -302,7 +302,7 @@ def write_table(md_path):
         if "load_before" in rec:
             records.append(rec)
     order = {"jax": 0, "tensorflow": 1, "torch": 2}
-    records.sort(key=lambda r: order.get(r["backend"], 9))
+    records.sort(key=lambda r: (order.get(r["backend"], 9), r["date"]))
     lines = [
         "# lambda_max probe vs. one training step: per-sample route vs. layer-factored route",
         "",
@@ -315,9 +315,9 @@ def write_table(md_path):
         "step inside each round, median over interleaved rounds in one process; ms are medians.",
         "Targets at n=16: VGG `sum` <= 1.5x (JAX, TF) / 2x (torch); VGG `logits` <= 12x; BERT not slower.",
         "",
-        "| backend | model | ntk_output | n | train ms | generic ms | auto ms | generic ratio | auto ratio |"
-        " speed-up |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| backend | run (UTC) | model | ntk_output | n | train ms | generic ms | auto ms | generic ratio |"
+        " auto ratio | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for rec in records:
         for name, model in rec["models"].items():
@@ -328,6 +328,7 @@ def write_table(md_path):
                     g, a = pm.get(f"{mode}/generic"), pm.get(f"{mode}/auto")
                     cells = [
                         rec["backend"],
+                        rec["date"][:16].replace("T", " "),
                         name,
                         mode,
                         n,
