@@ -631,6 +631,7 @@ class Probe:
     def _factored_fn(self):
         kernel = backends.get()
         plan, rows, mode, loss_call = self.plan, self.rows_per_sample, self.mode, self.loss_call
+        fast = self.fast_compile
         entries = {vid: self.var_entries[vid] for vid in plan.variables}
         fams = sorted({self.family_of[vid] for vid in plan.variables})
 
@@ -644,7 +645,9 @@ class Probe:
                     return scalarize(out, y, mode, loss_call), captures
 
                 captures, grads = kernel.output_gradients(forward, rows)
-                parts = plan.variable_grams(captures, grads, rows, entries, module_gram, self.max_probe_bytes)
+                parts = plan.variable_grams(
+                    captures, grads, rows, entries, module_gram, self.max_probe_bytes, fast=fast
+                )
             grams = {}
             for vid, c in parts.items():
                 fam = self.family_of[vid]

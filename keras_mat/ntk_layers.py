@@ -401,7 +401,7 @@ class GraphPlan:
 
     # ---------------------------------------------------------------------- gradients
 
-    def variable_grams(self, captures, grads, rows_per_sample, entries, module_gram, max_bytes):
+    def variable_grams(self, captures, grads, rows_per_sample, entries, module_gram, max_bytes, fast=False):
         """Gram contributions `{variable id: (G, n*R, n*R)}` of the factored
         variables.
 
@@ -413,6 +413,8 @@ class GraphPlan:
             module_gram: `ntk.module_gram`.
             max_bytes: Bound on one materialized per-sample gradient; above
                 it a whole-layer module uses the Gram identity.
+            fast: The probe is compiled for a short fit: prefer what compiles
+                faster.
         """
         out = {}
         for key, (layer, kind, roles) in self.layers.items():
@@ -430,19 +432,24 @@ class GraphPlan:
                 gram = None
                 per_output = axis == len(var.shape) - 1 and num == var.shape[-1]
                 if kind == "conv" and layer.groups == 1 and per_output:
-                    # One module per filter: from the identity where positions
-                    # are few, else from per-sample gradients, formed from the
-                    # stacked patches or tap by tap (whichever the backend
-                    # runs faster).
-                    taps = _conv_taps(layer, a)
-                    d2 = ops.reshape(d, (d.shape[0], d.shape[1], -1, d.shape[-1]))
-                    if _per_output_identity_pays(taps, d2, max_bytes):
-                        gram = _per_output_identity_gram(taps, d2)
-                    elif backends.get().conv_gram_from_patches(d2.shape[2]):
-                        patches = ops.stack(taps, axis=-2)
-                        gram = _per_output_gram(ops.reshape(patches, tuple(patches.shape[:2]) + (-1,)), d2)
-                    else:
-                        gram = _per_filter_gram(taps, d)
+                    # One module per filter: from per-sample gradient
+                    # convolutions where the backend runs those faster, else
+                    # from the identity where positions are few, else from
+                    # per-sample gradients formed from the stacked patches or
+                    # tap by tap (whichever the backend runs faster).
+                    gram = _sample_conv_gram(layer, var, a, d, fast)
+                    if gram is None:
+                        taps = _conv_taps(layer, a)
+                        d2 = ops.reshape(d, (d.shape[0], d.shape[1], -1, d.shape[-1]))
+                        if _per_output_identity_pays(taps, d2, max_bytes):
+                            gram = _per_output_identity_gram(taps, d2)
+                        elif backends.get().conv_gram_from_patches(d2.shape[2]):
+                            patches = ops.stack(taps, axis=-2)
+                            gram = _per_output_gram(
+                                ops.reshape(patches, tuple(patches.shape[:2]) + (-1,)), d2
+                            )
+                        else:
+                            gram = _per_filter_gram(taps, d)
                 elif kind == "dense" or (kind == "conv" and layer.groups == 1) or role == "pointwise":
                     a2, d2, kshape = _matmul_form(layer, kind, role, a, d)
                     gram = _identity_gram(a2, d2, rows_per_sample, axis, num, kshape, max_bytes)
@@ -595,6 +602,19 @@ def _per_output_gram(a2, d2):
     r, n, s, c = d2.shape
     g = ops.einsum("nsk,rnsc->cnrk", a2, d2)
     g = ops.reshape(g, (c, n * r, -1))
+    return ops.matmul(g, ops.transpose(g, (0, 2, 1)))
+
+
+def _sample_conv_gram(layer, var, a, d, fast):
+    """Per-filter Grams from per-sample gradient convolutions, where the
+    backend runs them faster than the taps (`None` elsewhere)."""
+    padding = "valid" if layer.padding == "causal" else layer.padding  # (a is already padded)
+    g = backends.get().conv_sample_grads(
+        a, d, tuple(var.shape), layer.strides, padding, layer.dilation_rate, fast
+    )
+    if g is None:
+        return None
+    g = ops.transpose(ops.reshape(g, (g.shape[0], -1, g.shape[-1])), (2, 0, 1))  # (C, n, K)
     return ops.matmul(g, ops.transpose(g, (0, 2, 1)))
 
 

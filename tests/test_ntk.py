@@ -679,6 +679,75 @@ def test_per_filter_gram_equals_stacked_patches(shape, kernel, strides, padding,
     np.testing.assert_allclose(by_identity, ref, rtol=1e-4, atol=atol)
 
 
+@pytest.mark.parametrize(
+    "shape, kernel, strides, padding, dilation",
+    [
+        ((32, 32, 3), (3, 3), (1, 1), "same", (1, 1)),
+        ((67, 34, 2), (3, 2), (2, 1), "valid", (1, 1)),
+        ((32, 33, 2), (3, 3), (1, 1), "same", (2, 2)),
+        ((1100, 2), (3,), (1,), "same", (1,)),
+        ((16, 8, 8, 2), (3, 1, 2), (1, 1, 1), "same", (1, 1, 1)),
+    ],
+)
+def test_per_sample_gradient_convolutions_give_the_filter_grams(shape, kernel, strides, padding, dilation):
+    # Where the backend forms per-sample conv gradients as convolutions (JAX:
+    # large maps, one row per sample, a probe not compiled for a short fit),
+    # the per-filter Grams equal the explicit per-sample products.
+    from keras_mat import ntk_layers as L
+
+    ops = keras.ops
+    rng = np.random.RandomState(1)
+    n, cin, filters = 3, shape[-1], 4
+    a = ops.convert_to_tensor(rng.randn(n, *shape).astype("float32"))
+    taps, outs = L._taps(a, kernel, strides, padding, dilation)
+    d = ops.convert_to_tensor(rng.randn(1, n, *outs, filters).astype("float32"))
+    layer = mock.Mock(padding=padding, strides=strides, dilation_rate=dilation)
+    var = mock.Mock(shape=tuple(kernel) + (cin, filters))
+    got = L._sample_conv_gram(layer, var, a, d, fast=False)
+    if BACKEND != "jax":
+        assert got is None  # the taps or patches are as fast there
+        return
+    assert got is not None
+    p_np = ops.convert_to_numpy(L._patches(a, kernel, strides, padding, dilation)).astype("float64")
+    d_np = ops.convert_to_numpy(d).reshape(n, -1, filters).astype("float64")
+    jac = np.einsum("nsk,nsc->cnk", p_np.reshape(n, p_np.shape[1], -1), d_np)
+    ref = jac @ jac.transpose(0, 2, 1)
+    got = ops.convert_to_numpy(got)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+    # Not for a probe compiled for a short fit, nor with several rows per sample.
+    assert L._sample_conv_gram(layer, var, a, d, fast=True) is None
+    d2 = ops.concatenate([d, d], axis=0)
+    assert L._sample_conv_gram(layer, var, a, d2, fast=False) is None
+
+
+def test_cnn_on_a_large_map_matches_reference():
+    # A 32x32 map takes the per-sample gradient convolutions on JAX (counted
+    # through the backend kernel), the taps elsewhere; both equal the reference.
+    from keras_mat import backends
+
+    L = keras.layers
+    inp = keras.Input((32, 32, 3))
+    x = L.Conv2D(4, 3, padding="same", activation="tanh", name="c1")(inp)
+    x = L.Conv2D(5, 1, name="c2")(x)
+    x = L.Conv2D(3, 3, strides=2, padding="valid", activation="tanh", name="c3")(x)
+    model = keras.Model(inp, L.Dense(2, name="fc")(L.Flatten()(x)))
+    x = np.random.RandomState(3).randn(3, 32, 32, 3).astype("float32")
+    kernel = backends.get()
+    calls, original = [], kernel.conv_sample_grads
+
+    def spy(a, d, *args):
+        out = original(a, d, *args)
+        calls.append((tuple(d.shape), out is not None))
+        return out
+
+    with mock.patch.object(kernel, "conv_sample_grads", spy):
+        _check_against_reference(model, x, "sum")
+    # c1 and c2 on the 32x32 map; c3's output has 225 positions.
+    on_jax = BACKEND == "jax"
+    want = [((1, 3, 32, 32, 4), on_jax), ((1, 3, 32, 32, 5), on_jax), ((1, 3, 15, 15, 3), False)]
+    assert sorted(calls) == sorted(want), calls
+
+
 @pytest.mark.parametrize("positions, rows", [(1, 1), (1, 4), (5, 3)])
 def test_per_output_identity_gram_of_a_dense_layer(positions, rows):
     from keras_mat import ntk_layers as L

@@ -22,6 +22,11 @@ Every backend module exposes the same small set of functions:
 - `conv_gram_from_patches(positions)`: whether the per-filter Grams of a
   convolution with this many output positions are formed from its stacked
   patches (one product) rather than tap by tap (one product per kernel tap).
+- `conv_sample_grads(a, d, kernel_shape, strides, padding, dilation, fast)`:
+  a convolution's per-sample weight gradients as one gradient convolution
+  per sample, where the backend runs that faster than the taps or patches
+  (JAX: large maps, one row per sample, a probe not compiled for a short
+  fit), else `None`.
 - `split_samples(tree)`: the probe samples laid out like a training batch
   (JAX under `keras.distribution`: split over the batch axis).
 - `snapshot(variable)`: the variable's current value, for a probe pass.

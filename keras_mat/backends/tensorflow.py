@@ -115,3 +115,12 @@ def scalar_grad(fn, values):
 
 def to_numpy(x):
     return x.numpy()
+
+
+def conv_sample_grads(a, d, kernel_shape, strides, padding, dilation, fast):
+    # The stacked patches stay: per-sample filter-gradient convolutions ran
+    # at 14.5 ms under XLA against 5.9 ms from the patches (n=16, 3x3, 32 to
+    # 32 channels, 32x32 map), and without XLA they made whole "sum" probes
+    # of a small VGG and a residual CNN no faster.
+    del a, d, kernel_shape, strides, padding, dilation, fast
+    return None
