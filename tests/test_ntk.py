@@ -642,6 +642,38 @@ def test_top_eigenvalue_solver_split_over_threads_gives_the_same_values(monkeypa
     )
 
 
+def test_small_matrices_solved_densely_over_threads_give_the_same_values(monkeypatch):
+    # Small matrices go to the dense solver, a large stack in parts on the
+    # pool: the same values, bit for bit, a non-finite matrix included.
+    rng = np.random.RandomState(4)
+    m = 16
+    stacks = []
+    for i in range(11):
+        a = rng.randn(m, 1 + (5 * i) % m)
+        stacks.append(a @ a.T)
+    grams = np.stack(stacks).astype("float32")
+    grams[3, 0, 0] = np.nan
+    monkeypatch.setattr(ntk, "_eig_workers", lambda: 1)
+    whole = ntk.top_eigenvalues_numpy(grams)
+    names = set()
+    dense_top = ntk._dense_top
+
+    def dense(*args):
+        names.add(threading.current_thread().name)
+        return dense_top(*args)
+
+    monkeypatch.setattr(ntk, "_eig_workers", lambda: 3)
+    monkeypatch.setattr(ntk, "_dense_top", dense)
+    monkeypatch.setattr(ntk, "DENSE_TASK_MATRICES", 3)
+    split = ntk.top_eigenvalues_numpy(grams)
+    assert any(name.startswith("keras_mat-eig") for name in names), names
+    np.testing.assert_array_equal(split, whole)
+    assert np.isnan(split[3]) and np.all(np.isfinite(np.delete(split, 3)))
+    np.testing.assert_allclose(
+        np.delete(split, 3), np.delete(np.linalg.eigvalsh(grams.astype("float64"))[:, -1], 3), rtol=1e-6
+    )
+
+
 @pytest.mark.parametrize(
     "shape, kernel, strides, padding, dilation",
     [
