@@ -607,6 +607,27 @@ def test_top_eigenvalue_solver_on_ntk_like_stacks():
     np.testing.assert_allclose(top, np.linalg.eigvalsh(grams)[:, -1], rtol=1e-6)
 
 
+def _solved_in_parts(monkeypatch, grams, solver, knob, value, workers):
+    # `top_eigenvalues_numpy` on one thread, then split over `workers` with
+    # `knob` set to `value`: the split run must reach the pool (through
+    # `solver`) and give the same values bit for bit.
+    monkeypatch.setattr(ntk, "_eig_workers", lambda: 1)
+    whole = ntk.top_eigenvalues_numpy(grams)
+    names, original = set(), getattr(ntk, solver)
+
+    def spy(*args):
+        names.add(threading.current_thread().name)
+        return original(*args)
+
+    monkeypatch.setattr(ntk, "_eig_workers", lambda: workers)
+    monkeypatch.setattr(ntk, solver, spy)
+    monkeypatch.setattr(ntk, knob, value)
+    split = ntk.top_eigenvalues_numpy(grams)
+    assert any(name.startswith("keras_mat-eig") for name in names), names
+    np.testing.assert_array_equal(split, whole)
+    return split
+
+
 def test_top_eigenvalue_solver_split_over_threads_gives_the_same_values(monkeypatch):
     # A stack bigger than one task runs its Lanczos steps in parts on the
     # pool; each matrix is solved alone, so the values are those of one part,
@@ -621,25 +642,11 @@ def test_top_eigenvalue_solver_split_over_threads_gives_the_same_values(monkeypa
     stacks.append((q * np.linspace(1.0, 0.999, m)) @ q.T)  # left to the dense solver
     grams = np.stack(stacks).astype("float32")
     grams[5, 1, 2] = np.inf
-    monkeypatch.setattr(ntk, "_eig_workers", lambda: 1)
-    whole = ntk.top_eigenvalues_numpy(grams)
-    names = set()
-    lanczos_part = ntk._lanczos_part
-
-    def part(*args):
-        names.add(threading.current_thread().name)
-        return lanczos_part(*args)
-
-    monkeypatch.setattr(ntk, "_eig_workers", lambda: 2)
-    monkeypatch.setattr(ntk, "_lanczos_part", part)
-    monkeypatch.setattr(ntk, "EIG_TASK_BYTES", 5 * m * m * 8)  # five matrices a part
-    split = ntk.top_eigenvalues_numpy(grams)
-    assert any(name.startswith("keras_mat-eig") for name in names), names
-    np.testing.assert_array_equal(split, whole)
+    # Five matrices a part.
+    split = _solved_in_parts(monkeypatch, grams, "_lanczos_part", "EIG_TASK_BYTES", 5 * m * m * 8, 2)
     assert np.isnan(split[5]) and np.all(np.isfinite(np.delete(split, 5)))
-    np.testing.assert_allclose(
-        np.delete(split, 5), np.delete(np.linalg.eigvalsh(grams.astype("float64"))[:, -1], 5), rtol=1e-5
-    )
+    finite = np.delete(grams, 5, axis=0).astype("float64")
+    np.testing.assert_allclose(np.delete(split, 5), np.linalg.eigvalsh(finite)[:, -1], rtol=1e-5)
 
 
 def test_small_matrices_solved_densely_over_threads_give_the_same_values(monkeypatch):
@@ -653,21 +660,7 @@ def test_small_matrices_solved_densely_over_threads_give_the_same_values(monkeyp
         stacks.append(a @ a.T)
     grams = np.stack(stacks).astype("float32")
     grams[3, 0, 0] = np.nan
-    monkeypatch.setattr(ntk, "_eig_workers", lambda: 1)
-    whole = ntk.top_eigenvalues_numpy(grams)
-    names = set()
-    dense_top = ntk._dense_top
-
-    def dense(*args):
-        names.add(threading.current_thread().name)
-        return dense_top(*args)
-
-    monkeypatch.setattr(ntk, "_eig_workers", lambda: 3)
-    monkeypatch.setattr(ntk, "_dense_top", dense)
-    monkeypatch.setattr(ntk, "DENSE_TASK_MATRICES", 3)
-    split = ntk.top_eigenvalues_numpy(grams)
-    assert any(name.startswith("keras_mat-eig") for name in names), names
-    np.testing.assert_array_equal(split, whole)
+    split = _solved_in_parts(monkeypatch, grams, "_dense_top", "DENSE_TASK_MATRICES", 3, 3)
     assert np.isnan(split[3]) and np.all(np.isfinite(np.delete(split, 3)))
     finite = np.delete(grams, 3, axis=0).astype("float64")
     np.testing.assert_allclose(np.delete(split, 3), np.linalg.eigvalsh(finite)[:, -1], rtol=1e-6)
