@@ -607,10 +607,32 @@ def test_top_eigenvalue_solver_on_ntk_like_stacks():
     np.testing.assert_allclose(top, np.linalg.eigvalsh(grams)[:, -1], rtol=1e-6)
 
 
-def _solved_in_parts(monkeypatch, grams, solver, knob, value, workers):
-    # `top_eigenvalues_numpy` on one thread, then split over `workers` with
-    # `knob` set to `value`: the split run must reach the pool (through
-    # `solver`) and give the same values bit for bit.
+@pytest.mark.parametrize(
+    "m, count, bad, solver, knob, per_part, workers, rtol",
+    [
+        # Lanczos in parts of five matrices; one matrix is left to the dense solver.
+        (60, 23, (5, 1, 2, np.inf), "_lanczos_part", "EIG_TASK_BYTES", 5 * 60 * 60 * 8, 2, 1e-5),
+        # Small matrices: the dense solver, in parts of at least three.
+        (16, 11, (3, 0, 0, np.nan), "_dense_top", "DENSE_TASK_MATRICES", 3, 3, 1e-6),
+    ],
+)
+def test_eigensolve_split_over_threads_gives_the_same_values(
+    monkeypatch, m, count, bad, solver, knob, per_part, workers, rtol
+):
+    # A large stack is solved in parts on the pool; each matrix is solved
+    # alone, so the values are those of one thread, bit for bit, the
+    # non-finite and the densely solved ones included.
+    rng = np.random.RandomState(2)
+    stacks = []
+    for i in range(count):
+        a = rng.randn(m, 1 + (7 * i) % m)
+        stacks.append(a @ a.T)
+    if m > ntk.DENSE_EIGH_MAX:
+        q, _ = np.linalg.qr(rng.randn(m, m))
+        stacks.append((q * np.linspace(1.0, 0.999, m)) @ q.T)  # left to the dense solver
+    grams = np.stack(stacks).astype("float32")
+    index, row, col, value = bad
+    grams[index, row, col] = value
     monkeypatch.setattr(ntk, "_eig_workers", lambda: 1)
     whole = ntk.top_eigenvalues_numpy(grams)
     names, original = set(), getattr(ntk, solver)
@@ -621,49 +643,13 @@ def _solved_in_parts(monkeypatch, grams, solver, knob, value, workers):
 
     monkeypatch.setattr(ntk, "_eig_workers", lambda: workers)
     monkeypatch.setattr(ntk, solver, spy)
-    monkeypatch.setattr(ntk, knob, value)
+    monkeypatch.setattr(ntk, knob, per_part)
     split = ntk.top_eigenvalues_numpy(grams)
     assert any(name.startswith("keras_mat-eig") for name in names), names
     np.testing.assert_array_equal(split, whole)
-    return split
-
-
-def test_top_eigenvalue_solver_split_over_threads_gives_the_same_values(monkeypatch):
-    # A stack bigger than one task runs its Lanczos steps in parts on the
-    # pool; each matrix is solved alone, so the values are those of one part,
-    # bit for bit, the non-finite and the densely solved ones included.
-    rng = np.random.RandomState(2)
-    m = 60
-    stacks = []
-    for i in range(23):
-        a = rng.randn(m, 1 + (7 * i) % m)
-        stacks.append(a @ a.T)
-    q, _ = np.linalg.qr(rng.randn(m, m))
-    stacks.append((q * np.linspace(1.0, 0.999, m)) @ q.T)  # left to the dense solver
-    grams = np.stack(stacks).astype("float32")
-    grams[5, 1, 2] = np.inf
-    # Five matrices a part.
-    split = _solved_in_parts(monkeypatch, grams, "_lanczos_part", "EIG_TASK_BYTES", 5 * m * m * 8, 2)
-    assert np.isnan(split[5]) and np.all(np.isfinite(np.delete(split, 5)))
-    finite = np.delete(grams, 5, axis=0).astype("float64")
-    np.testing.assert_allclose(np.delete(split, 5), np.linalg.eigvalsh(finite)[:, -1], rtol=1e-5)
-
-
-def test_small_matrices_solved_densely_over_threads_give_the_same_values(monkeypatch):
-    # Small matrices go to the dense solver, a large stack in parts on the
-    # pool: the same values, bit for bit, a non-finite matrix included.
-    rng = np.random.RandomState(4)
-    m = 16
-    stacks = []
-    for i in range(11):
-        a = rng.randn(m, 1 + (5 * i) % m)
-        stacks.append(a @ a.T)
-    grams = np.stack(stacks).astype("float32")
-    grams[3, 0, 0] = np.nan
-    split = _solved_in_parts(monkeypatch, grams, "_dense_top", "DENSE_TASK_MATRICES", 3, 3)
-    assert np.isnan(split[3]) and np.all(np.isfinite(np.delete(split, 3)))
-    finite = np.delete(grams, 3, axis=0).astype("float64")
-    np.testing.assert_allclose(np.delete(split, 3), np.linalg.eigvalsh(finite)[:, -1], rtol=1e-6)
+    assert np.isnan(split[index]) and np.all(np.isfinite(np.delete(split, index)))
+    finite = np.delete(grams, index, axis=0).astype("float64")
+    np.testing.assert_allclose(np.delete(split, index), np.linalg.eigvalsh(finite)[:, -1], rtol=rtol)
 
 
 @pytest.mark.parametrize(
