@@ -650,14 +650,24 @@ class Probe:
 
     # ----------------------------------------------------------------- factored route
 
-    def _factored_fn(self):
+    def _factored_fn(self, compiled):
         kernel = backends.get()
         plan, rows, mode, loss_call = self.plan, self.rows_per_sample, self.mode, self.loss_call
         fast = self.fast_compile
         entries = {vid: self.var_entries[vid] for vid in plan.variables}
         fams = sorted({self.family_of[vid] for vid in plan.variables})
 
-        def run(values, x, y):
+        def products(captures, grads):
+            return plan.variable_grams(
+                captures, grads, rows, entries, module_gram, self.max_probe_bytes, fast=fast
+            )
+
+        # (TensorFlow: the products alone under XLA, see `split_factored`.)
+        split = compiled and kernel.split_factored(fast)
+        if split:
+            products = kernel.compile_probe(products, xla=True, fast=fast)
+
+        def factored_pass(values, x, y):
             x, y = kernel.split_samples((x, y))
             with keras.StatelessScope(state_mapping=list(zip(self.variables, values))):
 
@@ -667,16 +677,14 @@ class Probe:
                     return scalarize(out, y, mode, loss_call), captures
 
                 captures, grads = kernel.output_gradients(forward, rows)
-                parts = plan.variable_grams(
-                    captures, grads, rows, entries, module_gram, self.max_probe_bytes, fast=fast
-                )
+                parts = products(captures, grads)
             grams = {}
             for vid, c in parts.items():
                 fam = self.family_of[vid]
                 grams[fam] = c if fam not in grams else grams[fam] + c
             return [grams[f] for f in fams]
 
-        return fams, run
+        return fams, factored_pass, split
 
     # ------------------------------------------------------------------------ running
 
@@ -684,12 +692,14 @@ class Probe:
         """`[(families, fn(values, x, y) -> list of Grams)]` for a batch of n."""
         out = []
         if self.plan:
-            key = ("factored", compiled, self.fast_compile)
+            key = ("factored", compiled, self.fast_compile, backends.get().split_factored(self.fast_compile))
             if key not in self._kernels:
-                fams, fn = self._factored_fn()
+                fams, fn, split = self._factored_fn(compiled)
                 self._kernels[key] = (
                     fams,
-                    backends.get().compile_probe(fn, xla=True, fast=self.fast_compile) if compiled else fn,
+                    backends.get().compile_probe(fn, xla=not split, fast=self.fast_compile)
+                    if compiled
+                    else fn,
                 )
             out.append(self._kernels[key])
         for chunk in self._chunk_plan(n):

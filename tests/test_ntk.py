@@ -758,6 +758,43 @@ def test_cnn_on_a_large_map_matches_reference():
     assert sorted(calls) == sorted(want), calls
 
 
+@pytest.mark.parametrize("model_kind", ["cnn", "mha"])
+def test_factored_probe_compiled_in_two_parts_matches_reference(model_kind):
+    # TensorFlow compiles a layer-factored probe as a graph with only its
+    # products under XLA (not for a short fit); the other backends compile
+    # it whole. Either way the values equal the reference.
+    from keras_mat import backends
+
+    kernel = backends.get()
+    split = BACKEND == "tensorflow"
+    assert kernel.split_factored(False) is split
+    assert kernel.split_factored(True) is False
+    if model_kind == "cnn":
+        L = keras.layers
+        inp = keras.Input((9, 9, 3))
+        h = L.Conv2D(4, 3, padding="same", activation="tanh")(inp)
+        h = L.Conv2D(3, 3, strides=2, activation="tanh")(h)
+        m = keras.Model(inp, L.Dense(2)(L.Flatten()(h)))
+        x, y, loss = np.random.RandomState(4).randn(3, 9, 9, 3).astype("float32"), None, None
+    else:
+        m = models.mha()
+        x, y = models.probe_batch(m, 4), np.array([0, 2, 1, 1])
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    calls, original = [], kernel.compile_probe
+
+    def spy(fn, xla=True, fast=False):
+        calls.append((fn.__name__, xla, fast))
+        return original(fn, xla=xla, fast=fast)
+
+    with mock.patch.object(kernel, "compile_probe", spy):
+        _check_against_reference(m, x, "loss" if loss else "sum", y=y, loss=loss)
+    factored = [c for c in calls if c[0] in ("factored_pass", "products")]
+    if split:
+        assert factored == [("products", True, False), ("factored_pass", False, False)], calls
+    else:
+        assert factored == [("factored_pass", True, False)], calls
+
+
 @pytest.mark.parametrize("positions, rows", [(1, 1), (1, 4), (5, 3)])
 def test_per_output_identity_gram_of_a_dense_layer(positions, rows):
     from keras_mat import ntk_layers as L

@@ -27,6 +27,10 @@ Every backend module exposes the same small set of functions:
   per sample, where the backend runs that faster than the taps or patches
   (JAX: large maps, one row per sample, a probe not compiled for a short
   fit), else `None`.
+- `split_factored(fast)`: whether the layer-factored probe compiles in two
+  parts: the forward and backward pass as the train step runs (TensorFlow:
+  a graph on its own kernels), and the per-sample products and Grams inside
+  it with XLA (`compile_probe(products, xla=True)`).
 - `split_samples(tree)`: the probe samples laid out like a training batch
   (JAX under `keras.distribution`: split over the batch axis).
 - `snapshot(variable)`: the variable's current value, for a probe pass.
