@@ -596,13 +596,30 @@ def _matmul_grad(a2, d2):
     return ops.reshape(ops.transpose(g, (0, 2, 1, 3)), (n * r, -1, c))
 
 
+def _by_filter_chunks(fn, d, k):
+    """`fn(d_chunk)` over chunks of the output channels (last axis of `d`)
+    whose per-sample gradients, `n*R*k` values per channel, fit in the
+    backend's `GRAM_CHUNK_BYTES` (None: all at once); the Grams concatenated
+    along the channel axis. Every filter's Gram is the same either way."""
+    c = d.shape[-1]
+    limit = backends.get().GRAM_CHUNK_BYTES
+    per = c if limit is None else max(1, limit // (d.shape[0] * d.shape[1] * k * 4))
+    if per >= c:
+        return fn(d)
+    return ops.concatenate([fn(d[..., i : i + per]) for i in range(0, c, per)], axis=0)
+
+
 def _per_output_gram(a2, d2):
     """One module per output channel (a conv filter): the per-sample
     gradients laid out `(C, n*R, K)`, then one batched matmul."""
-    r, n, s, c = d2.shape
-    g = ops.einsum("nsk,rnsc->cnrk", a2, d2)
-    g = ops.reshape(g, (c, n * r, -1))
-    return ops.matmul(g, ops.transpose(g, (0, 2, 1)))
+
+    def gram(d2):
+        r, n, s, c = d2.shape
+        g = ops.einsum("nsk,rnsc->cnrk", a2, d2)
+        g = ops.reshape(g, (c, n * r, -1))
+        return ops.matmul(g, ops.transpose(g, (0, 2, 1)))
+
+    return _by_filter_chunks(gram, d2, a2.shape[-1])
 
 
 def _sample_conv_gram(layer, var, a, d, fast):
@@ -621,11 +638,16 @@ def _sample_conv_gram(layer, var, a, d, fast):
 def _per_filter_gram(taps, d):
     """`_per_output_gram` of a convolution from its taps `[(n, S, Cin)]` and
     the output gradient `d (R, n, *spatial, C)`: one product per tap."""
-    r, n, c = d.shape[0], d.shape[1], d.shape[-1]
-    d2 = ops.reshape(d, (r, n, -1, c))
-    g = ops.stack([ops.einsum("nsk,rnsc->cnrk", t, d2) for t in taps], axis=3)  # (C, n, R, T, Cin)
-    g = ops.reshape(g, (c, n * r, -1))
-    return ops.matmul(g, ops.transpose(g, (0, 2, 1)))
+    r, n = d.shape[0], d.shape[1]
+
+    def gram(d):
+        c = d.shape[-1]
+        d2 = ops.reshape(d, (r, n, -1, c))
+        g = ops.stack([ops.einsum("nsk,rnsc->cnrk", t, d2) for t in taps], axis=3)  # (C, n, R, T, Cin)
+        g = ops.reshape(g, (c, n * r, -1))
+        return ops.matmul(g, ops.transpose(g, (0, 2, 1)))
+
+    return _by_filter_chunks(gram, d, len(taps) * taps[0].shape[-1])
 
 
 def _per_output_identity_pays(parts, d2, max_bytes):

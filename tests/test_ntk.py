@@ -687,6 +687,14 @@ def test_per_filter_gram_equals_stacked_patches(shape, kernel, strides, padding,
     d2 = ops.reshape(d, (rows, n, -1, filters))
     by_identity = ops.convert_to_numpy(L._per_output_identity_gram(taps, d2))
     np.testing.assert_allclose(by_identity, ref, rtol=1e-4, atol=atol)
+    # Formed two filters at a time (5 filters: chunks of 2, 2 and 1), both ways.
+    from keras_mat import backends
+
+    k = p_np.shape[-1]
+    with mock.patch.object(backends.get(), "GRAM_CHUNK_BYTES", 2 * n * rows * k * 4):
+        chunked = [L._per_filter_gram(taps, d), L._per_output_gram(a2, d2)]
+    for c in chunked:
+        np.testing.assert_allclose(ops.convert_to_numpy(c), ref, rtol=1e-4, atol=atol)
 
 
 @pytest.mark.parametrize(

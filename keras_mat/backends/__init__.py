@@ -31,6 +31,8 @@ Every backend module exposes the same small set of functions:
   parts: the forward and backward pass as the train step runs (TensorFlow:
   a graph on its own kernels), and the per-sample products and Grams inside
   it with XLA (`compile_probe(products, xla=True)`).
+- `GRAM_CHUNK_BYTES`: the most bytes of per-sample gradients formed at
+  once for per-filter Grams (None: a whole layer at once).
 - `split_samples(tree)`: the probe samples laid out like a training batch
   (JAX under `keras.distribution`: split over the batch axis).
 - `snapshot(variable)`: the variable's current value, for a probe pass.

@@ -225,3 +225,10 @@ def split_factored(fast):
     # One compiled function for the whole probe.
     del fast
     return False
+
+
+#: Per-filter Grams are formed a whole layer at once: XLA takes every
+#: temporary of a probe from one fresh allocation per call whatever the
+#: split (A/B on a small VGG's "logits" probe, n=16: equal run time, longer
+#: compiles in chunks).
+GRAM_CHUNK_BYTES = None

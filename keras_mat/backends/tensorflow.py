@@ -139,3 +139,9 @@ SPLIT_FACTORED = True
 def split_factored(fast):
     # A probe compiled for a short fit is a plain graph already.
     return SPLIT_FACTORED and not fast
+
+
+#: Per-filter Grams are formed a whole layer at once: TensorFlow's allocator
+#: keeps its memory, and chunks only lengthened the compile (A/B on a small
+#: VGG's "logits" probe, n=16).
+GRAM_CHUNK_BYTES = None
