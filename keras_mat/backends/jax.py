@@ -83,6 +83,12 @@ def output_gradients(run, rows):
 
     zeros = {k: jax.numpy.zeros(s.shape, s.dtype) for k, s in shapes.items()}
     out, pullback, aux = jax.vjp(f, zeros, has_aux=True)
+    if rows == 1:
+        # One row: the pullback itself. Its vmap would add a batching pass
+        # over the backward pass to every first call (a small transformer's
+        # "sum" probe: 0.69 against 0.73 s to trace, compile and run).
+        (grads,) = pullback(jax.numpy.ones_like(out))
+        return aux, jax.tree_util.tree_map(lambda g: g[None], grads)
     eye = jax.numpy.eye(rows, dtype=out.dtype)
     cotangents = jax.numpy.broadcast_to(eye[:, None, :], (rows,) + tuple(out.shape))
     (grads,) = jax.vmap(pullback)(cotangents)
