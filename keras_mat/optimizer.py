@@ -301,6 +301,9 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         self.families = []
         self.mat_state = {}
         self.num_measurements = None
+        # Called once, on the training thread, the next time a train step
+        # applies this optimizer: at trace time for a compiled step.
+        self._on_next_apply = []
 
     # ----------------------------------------------------------------------------------
     # Building
@@ -567,6 +570,7 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
             with keras.name_scope(self.name, caller=self):
                 self.build(trainable_variables)
             self.built = True
+        self._applying()
         if not self.families:
             self.inner_optimizer.apply(grads, trainable_variables)
             return
@@ -633,6 +637,7 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         trainable_variables = list(trainable_variables)
         if len(trainable_variables) != len(self._trainable_variables):
             return self._stateless_apply_subset(optimizer_variables, grads, trainable_variables)
+        self._applying()
         if self.families:
             self._warn_if_undriven()
         n_own = len(self._variables)
@@ -667,6 +672,11 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         # (it passes `inner_optimizer.variables` inside its StatelessScope).
         own_values = [ops.convert_to_tensor(x) for x in own_values]
         return list(new_t), own_values + list(new_i)
+
+    def _applying(self):
+        calls, self._on_next_apply = self._on_next_apply, []
+        for fn in calls:
+            fn()
 
     def _warn_if_undriven(self):
         # Python-side (at trace time on JAX/TF, every step on torch): a MAT

@@ -333,7 +333,7 @@ class MATCallback(keras.callbacks.Callback):
         defer_first_measurement: On JAX and TensorFlow, run the first
             measurement of a fit (which compiles the probe and the policy)
             in a background thread on a snapshot of the weights, and apply
-            it before the next measurement is due;
+            it when the next measurement is due;
             only for a warm-up measurement (fewer than `warmup` taken so
             far), which leaves every module active anyway. Set False to
             measure synchronously.
@@ -620,8 +620,14 @@ class MATCallback(keras.callbacks.Callback):
         else:
             self._account(now)
         spe = int(self.model.steps_per_execution or 1)
-        if self._pending is not None and (self._due(spe) or not self._pending[0].is_alive()):
-            self._finish_pending()
+        if self._pending is not None:
+            # A deferred warm-up measurement is applied when the next one is
+            # due (or at the end of training): until then it changes nothing,
+            # and applying it syncs the training state.
+            if self._due(spe):
+                self._finish_pending()
+            elif self._pending[0].ident is None:
+                self._start_pending()
         if self._measures and self._due(spe):
             self._measure_now()
         elif self._schedule:
@@ -687,8 +693,15 @@ class MATCallback(keras.callbacks.Callback):
                     holder["error"] = err
 
             thread = threading.Thread(target=work, name="keras_mat-probe", daemon=True)
-            thread.start()
             self._pending = (thread, holder, self._step)
+            if opt is not None and self._compiles and self._first_call is None:
+                # Started once the first step's trace reaches the optimizer:
+                # two threads tracing at once run at half speed (they share
+                # Python's lock), and the step's compile that follows leaves
+                # the lock free. (The next batch starts it if no trace came.)
+                opt._on_next_apply.append(thread.start)
+            else:
+                thread.start()
             return
         if self.spectrum is None:
             lam, spectrum = self._probe(*self._probe_inputs), None
@@ -710,8 +723,17 @@ class MATCallback(keras.callbacks.Callback):
         # may be applied late without changing the training.
         return self._opt is None or host_int(self._opt.num_measurements) < self._opt.warmup
 
+    def _start_pending(self):
+        # No step traced the optimizer (its step was compiled already).
+        thread = self._pending[0]
+        if self._opt is not None and thread.start in self._opt._on_next_apply:
+            self._opt._on_next_apply.remove(thread.start)
+        thread.start()
+
     def _finish_pending(self):
         thread, holder, step = self._pending
+        if thread.ident is None:
+            self._start_pending()
         thread.join()
         self._pending = None
         self._probe_ready = True
@@ -783,6 +805,10 @@ class MATCallback(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self._account(None)
+        pending = self._pending
+        if pending is not None and pending[0].ident is not None and not pending[0].is_alive():
+            # Done: counted in this epoch's logs (Keras has synced the state).
+            self._finish_pending()
         if logs is not None and self._opt is not None:
             logs["mat_active"], logs["mat_frozen"] = self._fractions
         if self._report is None:

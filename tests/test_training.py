@@ -1,6 +1,7 @@
 """MAT inside `fit` (`MATCallback`), `train_on_batch` and custom loops, on every backend."""
 
 import os
+import threading
 
 import keras
 import numpy as np
@@ -180,6 +181,57 @@ def test_spectrum_logging_matches_module_spectrum(defer):
         assert len(r["eigenvalues"]) == 3 and r["eigenvalues"] == sorted(r["eigenvalues"], reverse=True)
         np.testing.assert_allclose(r["eigenvalues"][0], r["lambda_max"], rtol=1e-4)
         assert r["effective_rank"] >= 1.0
+
+
+@pytest.mark.parametrize("traced", [True, False])
+def test_deferred_first_measurement_waits_for_the_step_to_reach_the_optimizer(traced):
+    # The warm-up measurement's thread starts once the first step reaches the
+    # optimizer (at trace time where the step compiles). Where nothing calls
+    # the optimizer's hook (`traced=False`: a step compiled before the fit),
+    # the next batch starts it. Either way the measurement of step 0 sees the
+    # initial weights.
+    from unittest import mock
+
+    from keras_mat import backends
+    from keras_mat import training as T
+
+    m = keras_mat.annotate(models.set_weights_deterministic(models.mha()), dense=True)
+    opt = wrap(keras.optimizers.Adam(1e-2), probe_every=4, probe_samples=4, ntk_output="sum")
+    m.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = _data(m, n=32)
+    expected = keras_mat.module_lambda_max(m, x[:4], ntk_output="sum")
+    events = []
+    original_apply, original_lambda = type(opt)._applying, T._lambda_from
+
+    def applying(self):
+        events.append(("apply", None))
+        if traced:
+            original_apply(self)
+
+    def lambda_from(*args, **kwargs):
+        events.append(("probe", threading.current_thread().name))
+        return original_lambda(*args, **kwargs)
+
+    log = MATCallback(x, probe_every=4, probe_samples=4, defer_first_measurement=True)
+    with (
+        mock.patch.object(type(opt), "_applying", applying),
+        mock.patch.object(T, "_lambda_from", lambda_from),
+    ):
+        m.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[log])
+    probes = [i for i, e in enumerate(events) if e[0] == "probe"]
+    if not backends.trainer().background_measurement(m):
+        assert probes == []  # PyTorch: measured on the training thread, no compile to hide
+    else:
+        assert events[probes[0]][1] == "keras_mat-probe"
+    if probes and backends.trainer().compiles_train_step(m):
+        # Started from the first apply, or (no hook) at the next batch: after it either way.
+        assert events.index(("apply", None)) < probes[0], events[:5]
+    assert opt._on_next_apply == []
+    first = {r["family"]: r["lambda_max"] for r in log.rows if r["step"] == 0 and r["module"] == 0}
+    assert set(first) == set(expected)
+    for name, value in first.items():
+        np.testing.assert_allclose(value, expected[name][0], rtol=1e-4)
+    assert sorted({r["step"] for r in log.rows}) == [0, 4]
 
 
 def test_fit_in_pieces_reads_the_training_clock_from_total_steps():

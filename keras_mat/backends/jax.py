@@ -182,6 +182,11 @@ _FAST_COMPILE = {
     **_PROBE_COMPILE,
     "xla_backend_optimization_level": 0,
     "xla_llvm_disable_expensive_passes": True,
+    # One LLVM module, compiled on the calling thread: a small transformer's
+    # probe compiled in 0.21-0.24 s instead of 0.30 s (5 fresh probes each),
+    # and a first measurement, which compiles in the background while the
+    # train step compiles, leaves the other core to it.
+    "xla_cpu_parallel_codegen_split_count": 1,
 }
 
 
