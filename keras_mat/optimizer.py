@@ -673,6 +673,15 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         own_values = [ops.convert_to_tensor(x) for x in own_values]
         return list(new_t), own_values + list(new_i)
 
+    def _call_on_next_apply(self, fn):
+        """Calls `fn()` once, on the training thread, when a train step next
+        applies this optimizer (at trace time where the step compiles)."""
+        self._on_next_apply.append(fn)
+
+    def _cancel_on_next_apply(self, fn):
+        if fn in self._on_next_apply:
+            self._on_next_apply.remove(fn)
+
     def _applying(self):
         calls, self._on_next_apply = self._on_next_apply, []
         for fn in calls:

@@ -699,7 +699,7 @@ class MATCallback(keras.callbacks.Callback):
                 # two threads tracing at once run at half speed (they share
                 # Python's lock), and the step's compile that follows leaves
                 # the lock free. (The next batch starts it if no trace came.)
-                opt._on_next_apply.append(thread.start)
+                opt._call_on_next_apply(thread.start)
             else:
                 thread.start()
             return
@@ -726,8 +726,8 @@ class MATCallback(keras.callbacks.Callback):
     def _start_pending(self):
         # No step traced the optimizer (its step was compiled already).
         thread = self._pending[0]
-        if self._opt is not None and thread.start in self._opt._on_next_apply:
-            self._opt._on_next_apply.remove(thread.start)
+        if self._opt is not None:
+            self._opt._cancel_on_next_apply(thread.start)
         thread.start()
 
     def _finish_pending(self):

@@ -183,6 +183,25 @@ def test_spectrum_logging_matches_module_spectrum(defer):
         assert r["effective_rank"] >= 1.0
 
 
+def test_a_call_on_next_apply_runs_once_when_a_step_applies_the_optimizer():
+    m = keras_mat.annotate(models.set_weights_deterministic(models.mha()), dense=True)
+    opt = wrap(keras.optimizers.SGD(0.1), policy=None)
+    m.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = _data(m, n=8)
+    calls = []
+
+    def cancelled():
+        calls.append("cancelled")
+
+    opt._call_on_next_apply(lambda: calls.append("applied"))
+    opt._call_on_next_apply(cancelled)
+    opt._cancel_on_next_apply(cancelled)
+    m.train_on_batch(x, y)
+    m.train_on_batch(x, y)
+    assert calls == ["applied"]
+    assert opt._on_next_apply == []
+
+
 @pytest.mark.parametrize("traced", [True, False])
 def test_deferred_first_measurement_waits_for_the_step_to_reach_the_optimizer(traced):
     # The warm-up measurement's thread starts once the first step reaches the
