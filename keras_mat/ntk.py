@@ -650,7 +650,7 @@ class Probe:
 
     # ----------------------------------------------------------------- factored route
 
-    def _factored_fn(self, compiled):
+    def _factored_fn(self, split):
         kernel = backends.get()
         plan, rows, mode, loss_call = self.plan, self.rows_per_sample, self.mode, self.loss_call
         fast = self.fast_compile
@@ -662,9 +662,7 @@ class Probe:
                 captures, grads, rows, entries, module_gram, self.max_probe_bytes, fast=fast
             )
 
-        # (TensorFlow: the products alone under XLA, see `split_factored`.)
-        split = compiled and kernel.split_factored(fast)
-        if split:
+        if split:  # (TensorFlow: the products alone under XLA, see `split_factored`.)
             products = kernel.compile_probe(products, xla=True, fast=fast)
 
         def factored_pass(values, x, y):
@@ -684,7 +682,7 @@ class Probe:
                 grams[fam] = c if fam not in grams else grams[fam] + c
             return [grams[f] for f in fams]
 
-        return fams, factored_pass, split
+        return fams, factored_pass
 
     # ------------------------------------------------------------------------ running
 
@@ -692,9 +690,10 @@ class Probe:
         """`[(families, fn(values, x, y) -> list of Grams)]` for a batch of n."""
         out = []
         if self.plan:
-            key = ("factored", compiled, self.fast_compile, backends.get().split_factored(self.fast_compile))
+            split = compiled and backends.get().split_factored(self.fast_compile)
+            key = ("factored", compiled, self.fast_compile, split)
             if key not in self._kernels:
-                fams, fn, split = self._factored_fn(compiled)
+                fams, fn = self._factored_fn(split)
                 self._kernels[key] = (
                     fams,
                     backends.get().compile_probe(fn, xla=not split, fast=self.fast_compile)
