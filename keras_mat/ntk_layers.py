@@ -436,20 +436,25 @@ class GraphPlan:
                     # convolutions where the backend runs those faster, else
                     # from the identity where positions are few, else from
                     # per-sample gradients formed from the stacked patches or
-                    # tap by tap (whichever the backend runs faster).
+                    # tap by tap, or as a sum of per-tap Grams (whichever the
+                    # backend runs faster: `conv_gram_route`).
                     gram = _sample_conv_gram(layer, var, a, d, fast)
                     if gram is None:
                         taps = _conv_taps(layer, a)
                         d2 = ops.reshape(d, (d.shape[0], d.shape[1], -1, d.shape[-1]))
                         if _per_output_identity_pays(taps, d2, max_bytes):
                             gram = _per_output_identity_gram(taps, d2)
-                        elif backends.get().conv_gram_from_patches(d2.shape[2]):
-                            patches = ops.stack(taps, axis=-2)
-                            gram = _per_output_gram(
-                                ops.reshape(patches, tuple(patches.shape[:2]) + (-1,)), d2
-                            )
                         else:
-                            gram = _per_filter_gram(taps, d)
+                            route = backends.get().conv_gram_route(d2.shape[2], d2.shape[0])
+                            if route == "patches":
+                                patches = ops.stack(taps, axis=-2)
+                                gram = _per_output_gram(
+                                    ops.reshape(patches, tuple(patches.shape[:2]) + (-1,)), d2
+                                )
+                            elif route == "tap_grams":
+                                gram = _per_tap_gram(taps, d)
+                            else:
+                                gram = _per_filter_gram(taps, d)
                 elif kind == "dense" or (kind == "conv" and layer.groups == 1) or role == "pointwise":
                     a2, d2, kshape = _matmul_form(layer, kind, role, a, d)
                     gram = _identity_gram(a2, d2, rows_per_sample, axis, num, kshape, max_bytes)
@@ -648,6 +653,26 @@ def _per_filter_gram(taps, d):
         return ops.matmul(g, ops.transpose(g, (0, 2, 1)))
 
     return _by_filter_chunks(gram, d, len(taps) * taps[0].shape[-1])
+
+
+def _per_tap_gram(taps, d):
+    """`_per_output_gram` of a convolution as the sum over its kernel taps of
+    each tap's per-filter Gram: a filter's per-sample gradient is its taps'
+    parts side by side, so its Gram is the sum of theirs. No stacked patches
+    and no whole per-sample gradient are formed."""
+    r, n = d.shape[0], d.shape[1]
+
+    def gram(d):
+        c = d.shape[-1]
+        d2 = ops.reshape(d, (r, n, -1, c))
+        total = None
+        for t in taps:
+            g = ops.reshape(ops.einsum("rnsc,nsk->cnrk", d2, t), (c, n * r, -1))
+            part = ops.matmul(g, ops.transpose(g, (0, 2, 1)))
+            total = part if total is None else total + part
+        return total
+
+    return _by_filter_chunks(gram, d, taps[0].shape[-1])
 
 
 def _per_output_identity_pays(parts, d2, max_bytes):

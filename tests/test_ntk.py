@@ -342,6 +342,22 @@ def test_factored_route_matches_reference(name, ntk_output):
         assert not {"call", "__call__"} & set(vars(layer)), layer.name
 
 
+@pytest.mark.parametrize("route", ["patches", "taps", "tap_grams"])
+def test_every_conv_gram_route_matches_reference(route):
+    # Whichever form a backend picks for a convolution's per-filter Grams
+    # (`conv_gram_route`), on strided, dilated and 1x1 convolutions, one row
+    # and several rows per sample.
+    from keras_mat import backends
+
+    m, x = _zoo("conv2d_strided_same_even")
+    kernel = backends.get()
+    with mock.patch.object(kernel, "conv_gram_route", return_value=route) as chosen:
+        with mock.patch.object(kernel, "conv_sample_grads", return_value=None):
+            for ntk_output in ("sum", "logits"):
+                _check_against_reference(m, x, ntk_output)
+    assert chosen.call_count > 0
+
+
 def test_factored_and_generic_routes_agree():
     m, x = _zoo("nested_residual")
     models.set_weights_deterministic(m)
@@ -687,12 +703,18 @@ def test_per_filter_gram_equals_stacked_patches(shape, kernel, strides, padding,
     d2 = ops.reshape(d, (rows, n, -1, filters))
     by_identity = ops.convert_to_numpy(L._per_output_identity_gram(taps, d2))
     np.testing.assert_allclose(by_identity, ref, rtol=1e-4, atol=atol)
-    # Formed two filters at a time (5 filters: chunks of 2, 2 and 1), both ways.
+    # The same Grams as a sum of per-tap Grams.
+    by_tap = ops.convert_to_numpy(L._per_tap_gram(taps, d))
+    np.testing.assert_allclose(by_tap, ref, rtol=1e-4, atol=atol)
+    # Formed two filters at a time (5 filters: chunks of 2, 2 and 1), every way.
     from keras_mat import backends
 
     k = p_np.shape[-1]
+    cin = taps[0].shape[-1]
     with mock.patch.object(backends.get(), "GRAM_CHUNK_BYTES", 2 * n * rows * k * 4):
         chunked = [L._per_filter_gram(taps, d), L._per_output_gram(a2, d2)]
+    with mock.patch.object(backends.get(), "GRAM_CHUNK_BYTES", 2 * n * rows * cin * 4):
+        chunked.append(L._per_tap_gram(taps, d))
     for c in chunked:
         np.testing.assert_allclose(ops.convert_to_numpy(c), ref, rtol=1e-4, atol=atol)
 

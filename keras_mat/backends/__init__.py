@@ -19,9 +19,12 @@ Every backend module exposes the same small set of functions:
 - `output_gradients(run, rows)`: for the layer-factored probe, the captured
   layer inputs and the gradients at the grouped layers' outputs, one batched
   backward pass per output row.
-- `conv_gram_from_patches(positions)`: whether the per-filter Grams of a
-  convolution with this many output positions are formed from its stacked
-  patches (one product) rather than tap by tap (one product per kernel tap).
+- `conv_gram_route(positions, rows)`: how the per-filter Grams of a
+  convolution with this many output positions, probed with this many rows
+  per sample, are formed: `"patches"` (per-sample gradients from the
+  stacked patches, one product), `"taps"` (per-sample gradients tap by tap,
+  one product per kernel tap) or `"tap_grams"` (one Gram per kernel tap,
+  summed; no whole per-sample gradient is formed).
 - `conv_sample_grads(a, d, kernel_shape, strides, padding, dilation, fast)`:
   a convolution's per-sample weight gradients as one gradient convolution
   per sample, where the backend runs that faster than the taps or patches

@@ -56,11 +56,17 @@ def output_gradients(run, rows):
     return aux, {k: tf.stack([g[i] for g in per_row]) for i, k in enumerate(keys)}
 
 
-def conv_gram_from_patches(positions):
-    # Measured on a small VGG's layers, n=16, 1 and 10 rows per sample: the
-    # stacked patches are faster on 32x32 and 16x16 maps (10 rows: 79 against
-    # 130 ms for four layers), the taps on 8x8 maps (169 against 247 ms).
-    return positions >= 256
+def conv_gram_route(positions, rows):
+    # Measured under XLA on single 3x3 layers, n=16. One row per sample: the
+    # summed per-tap Grams take 4.3-5.7 ms against 8.6-10.5 ms from the
+    # stacked patches on a 32x32 map of 32 channels, 4.1-5.6 against
+    # 7.5-10.2 ms on 16x16 of 64, 5.0-6.7 against 7.4-9.7 ms on 8x8 of 128.
+    # Ten rows per sample (the Gram products dominate): the stacked patches
+    # are faster on 32x32 and 16x16 maps (a small VGG's four layers: 79
+    # against 130 ms tap by tap), the taps on 8x8 maps (169 against 247 ms).
+    if rows == 1:
+        return "tap_grams"
+    return "patches" if positions >= 256 else "taps"
 
 
 def snapshot(variable):
