@@ -684,9 +684,10 @@ def _per_output_identity_pays(parts, d2, max_bytes):
     cost_materialize = n * r * s * k * c + (n * r) ** 2 * k * c
     itemsize = 8 if keras.backend.standardize_dtype(d2.dtype) == "float64" else 4
     biggest = max((n * s) ** 2, n * n * r * s * c) * itemsize
-    # (The identity's contractions run at about half the rate of the batched
-    # Gram products on CPU, so it must save more than half.)
-    return 2 * cost_identity < cost_materialize and biggest <= max_bytes
+    # (The identity's contractions run slower than the batched Gram products,
+    # by the backend's `IDENTITY_COST_FACTOR`: about half the rate on CPU.)
+    factor = backends.get().IDENTITY_COST_FACTOR
+    return factor * cost_identity < cost_materialize and biggest <= max_bytes
 
 
 def _per_output_identity_gram(parts, d2):

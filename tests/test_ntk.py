@@ -863,3 +863,13 @@ def test_per_output_identity_is_chosen_where_positions_are_few():
     assert not L._per_output_identity_pays([ops.zeros((16, 1024, 27))], d(10, 16, 1024, 32), 1 << 30)
     # Cheaper, but its intermediates exceed the byte bound.
     assert not L._per_output_identity_pays([ops.zeros((16, 16, 1152))], d(10, 16, 16, 128), 1 << 10)
+    # 64 positions, 1152 inputs: the identity needs 0.52x the multiply-adds,
+    # taken where its contractions run at more than half the products' rate.
+    from keras_mat import backends
+
+    wide = L._per_output_identity_pays([ops.zeros((16, 64, 1152))], d(10, 16, 64, 128), 1 << 30)
+    assert wide == (backends.get().IDENTITY_COST_FACTOR < 1.9)
+    with mock.patch.object(backends.get(), "IDENTITY_COST_FACTOR", 1.6):
+        assert L._per_output_identity_pays([ops.zeros((16, 64, 1152))], d(10, 16, 64, 128), 1 << 30)
+    with mock.patch.object(backends.get(), "IDENTITY_COST_FACTOR", 2.0):
+        assert not L._per_output_identity_pays([ops.zeros((16, 64, 1152))], d(10, 16, 64, 128), 1 << 30)

@@ -36,6 +36,9 @@ Every backend module exposes the same small set of functions:
   it with XLA (`compile_probe(products, xla=True)`).
 - `GRAM_CHUNK_BYTES`: the most bytes of per-sample gradients formed at
   once for per-filter Grams (None: a whole layer at once).
+- `IDENTITY_COST_FACTOR`: how many multiply-adds of a per-filter Gram
+  product one multiply-add of the identity's contractions costs; the
+  identity is taken where it is cheaper at that rate.
 - `split_samples(tree)`: the probe samples laid out like a training batch
   (JAX under `keras.distribution`: split over the batch axis).
 - `snapshot(variable)`: the variable's current value, for a probe pass.

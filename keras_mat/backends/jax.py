@@ -246,3 +246,9 @@ def split_factored(fast):
 #: split (A/B on a small VGG's "logits" probe, n=16: equal run time, longer
 #: compiles in chunks).
 GRAM_CHUNK_BYTES = None
+
+#: The identity's contractions run at about half the rate of the batched Gram
+#: products (10 rows per sample, n=16, a 3x3 layer of 128 to 128 channels on
+#: an 8x8 map, where the identity needs 0.52x the multiply-adds: 168 against
+#: 150 ms tap by tap).
+IDENTITY_COST_FACTOR = 2.0

@@ -151,3 +151,10 @@ def split_factored(fast):
 #: keeps its memory, and chunks only lengthened the compile (A/B on a small
 #: VGG's "logits" probe, n=16).
 GRAM_CHUNK_BYTES = None
+
+#: Under TensorFlow's XLA the identity's contractions run at about 0.6 of the
+#: rate of the batched Gram products. Ten rows per sample, n=16, 3x3 layers
+#: on an 8x8 map: 128 to 128 channels (the identity needs 0.52x the
+#: multiply-adds) 67-91 against 94-115 ms tap by tap; 64 to 128 channels
+#: (0.81x) 71 against 65 ms.
+IDENTITY_COST_FACTOR = 1.6

@@ -177,3 +177,9 @@ def split_factored(fast):
 #: (n=16) took 66,000 page faults and 534 ms whole, 15,000 and 464 ms in
 #: chunks (a residual CNN's: equal).
 GRAM_CHUNK_BYTES = 24 << 20
+
+#: The identity's contractions run at about half the rate of the batched Gram
+#: products (10 rows per sample, n=16, a 3x3 layer of 128 to 128 channels on
+#: an 8x8 map, where the identity needs 0.52x the multiply-adds: 115 against
+#: 81 ms from the stacked patches).
+IDENTITY_COST_FACTOR = 2.0
