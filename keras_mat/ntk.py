@@ -357,18 +357,24 @@ def _scale_of(g):
 
 
 def _lanczos_part(grams, steps, tol):
-    """The Lanczos runs of `top_eigenvalues_numpy` on finite matrices:
-    `(result, todo, g[todo], scale[todo])`, with `result` NaN at the indices
-    `todo` whose Ritz pair was never accepted."""
+    """The Lanczos runs of `top_eigenvalues_numpy` on a part of the stack:
+    `(result, todo, g[todo], scale[todo])`, with `result` NaN at the
+    non-finite matrices and at the indices `todo` whose Ritz pair was never
+    accepted."""
     g = np.array(grams, dtype=np.float64)
+    # (A float64 sum of float32 or float64 entries is finite exactly when
+    # every entry is, short of float64 overflow.)
+    finite = np.isfinite(g.sum(axis=(1, 2)))
+    if not finite.all():
+        g = np.where(finite[:, None, None], g, 0.0)
     scale = _scale_of(g)
     m = g.shape[-1]
     result = np.full((g.shape[0],), np.nan)
-    todo = np.arange(g.shape[0])
+    todo = np.flatnonzero(finite)
     # The same start vectors for every part: the result does not depend on
     # how the stack was split.
     rng = np.random.default_rng(0)
-    for k in steps:
+    for k in steps if todo.size else ():
         gs = g if todo.size == g.shape[0] else g[todo]
         theta, ritz = _lanczos_batched(gs, k, rng, scale[todo])
         residual = np.linalg.norm(np.einsum("bij,bj->bi", gs, ritz) - theta[:, None] * ritz, axis=1)
@@ -408,21 +414,20 @@ def top_eigenvalues_numpy(grams, steps=LANCZOS_STEPS, tol=1e-6):
     grams = np.asarray(grams)
     count, m = grams.shape[0], grams.shape[-1]
     top = np.full((count,), np.nan)
-    if grams.dtype.itemsize <= 4:
-        # (A float64 sum of float32 entries cannot overflow.)
-        finite = np.isfinite(grams.sum(axis=(1, 2), dtype=np.float64))
-    else:
-        finite = np.all(np.isfinite(grams), axis=(1, 2))
-    if not finite.any():
-        return top
-    kept = grams if finite.all() else grams[finite]
     if m <= DENSE_EIGH_MAX:
-        g = np.array(kept, dtype=np.float64)
-        top[finite] = _dense_top_split(g, _scale_of(g))
+        if grams.dtype.itemsize <= 4:
+            # (A float64 sum of float32 entries cannot overflow.)
+            finite = np.isfinite(grams.sum(axis=(1, 2), dtype=np.float64))
+        else:
+            finite = np.all(np.isfinite(grams), axis=(1, 2))
+        if finite.any():
+            g = np.array(grams if finite.all() else grams[finite], dtype=np.float64)
+            top[finite] = _dense_top_split(g, _scale_of(g))
         return top
+    # Larger matrices: each part checks its own for finiteness, on the threads.
     per = max(1, EIG_TASK_BYTES // (m * m * 8))
-    starts = list(range(0, kept.shape[0], per))
-    parts = _eig_map(lambda start: _lanczos_part(kept[start : start + per], steps, tol), starts)
+    starts = list(range(0, count, per))
+    parts = _eig_map(lambda start: _lanczos_part(grams[start : start + per], steps, tol), starts)
     result = np.concatenate([p[0] for p in parts])
     left = np.concatenate([p[1] + start for p, start in zip(parts, starts)])
     if left.size:
@@ -431,8 +436,7 @@ def top_eigenvalues_numpy(grams, steps=LANCZOS_STEPS, tol=1e-6):
         result[left] = _dense_top(
             np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])
         )
-    top[finite] = result
-    return top
+    return result
 
 
 def _chunks(sizes, rows, itemsize, max_bytes):

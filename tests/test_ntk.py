@@ -564,8 +564,17 @@ def test_top_eigenvalue_solver_on_hard_stacks(m):
     np.testing.assert_allclose(top, np.linalg.eigvalsh(grams)[:, -1], rtol=1e-6, atol=1e-12)
     bad = grams.copy()
     bad[0, 0, 0] = np.nan
+    bad[-2, 1, 2] = np.inf
     top = ntk.top_eigenvalues_numpy(bad)
-    assert np.isnan(top[0]) and np.all(np.isfinite(top[1:]))
+    assert np.isnan(top[0]) and np.isnan(top[-2])
+    np.testing.assert_allclose(top[1:-2], np.linalg.eigvalsh(grams[1:-2])[:, -1], rtol=1e-6, atol=1e-12)
+    # Split over parts of one or two matrices (where the solver splits), the same values.
+    with mock.patch.object(ntk, "EIG_TASK_BYTES", 2 * m * m * 8):
+        with mock.patch.object(ntk, "DENSE_TASK_MATRICES", 1):
+            split = ntk.top_eigenvalues_numpy(bad)
+    np.testing.assert_array_equal(np.isnan(split), np.isnan(top))
+    np.testing.assert_allclose(split[1:-2], top[1:-2], rtol=1e-12, atol=0)
+    assert np.all(np.isnan(ntk.top_eigenvalues_numpy(np.full((3, m, m), np.nan))))
     # float32 input is solved in float64.
     top32 = ntk.top_eigenvalues_numpy(grams.astype("float32"))
     np.testing.assert_allclose(top32, np.linalg.eigvalsh(grams)[:, -1], rtol=1e-5, atol=1e-9)
