@@ -678,7 +678,7 @@ class Probe:
                     out = plan.run(x, hook, captures)
                     return scalarize(out, y, mode, loss_call), captures
 
-                captures, grads = kernel.output_gradients(forward, rows)
+                captures, grads = kernel.output_gradients(forward, rows, fast=fast)
                 parts = products(captures, grads)
             grams = {}
             for vid, c in parts.items():

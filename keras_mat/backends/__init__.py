@@ -16,9 +16,10 @@ Every backend module exposes the same small set of functions:
   products of a batched function, for the matrix-free method.
 - `gram_operand(flat)`: the `(rows, G, p)` block of a Gram contraction, laid
   out for it (JAX under `keras.distribution`: split over `p`; else as is).
-- `output_gradients(run, rows)`: for the layer-factored probe, the captured
-  layer inputs and the gradients at the grouped layers' outputs, one batched
-  backward pass per output row.
+- `output_gradients(run, rows, fast=False)`: for the layer-factored probe,
+  the captured layer inputs and the gradients at the grouped layers'
+  outputs, one batched backward pass per output row (`fast`: the probe is
+  compiled for a short fit).
 - `conv_gram_route(positions, rows)`: how the per-filter Grams of a
   convolution with this many output positions, probed with this many rows
   per sample, are formed: `"patches"` (per-sample gradients from the

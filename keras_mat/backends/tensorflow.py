@@ -35,9 +35,12 @@ def per_sample_jacobians(fn, probe_values, x, y, key=None, split=True):
     )
 
 
-def output_gradients(run, rows):
+def output_gradients(run, rows, fast=False):
     """Gradients at the perturbation points of a batched forward pass (see
-    the JAX kernel): one `GradientTape`, one `gradient` call per row."""
+    the JAX kernel): one `GradientTape`, one `gradient` call per row.
+    (`tape.jacobian` of the rows, vectorized by pfor, took 150 against 99 ms
+    for a small VGG's ten rows, n=16.)"""
+    del fast
     perturbations = {}
     with tf.GradientTape(persistent=rows > 1) as tape:
 

@@ -72,9 +72,10 @@ def per_sample_jacobians_loop(fn, probe_values, x, y):
     return [torch.stack([p[v] for p in per_sample]).detach() for v in range(len(probe_values))]
 
 
-def output_gradients(run, rows):
+def output_gradients(run, rows, fast=False):
     """Gradients at the perturbation points of a batched forward pass (see
     the JAX kernel): one autograd graph, one backward pass per row."""
+    del fast
     perturbations = {}
 
     def hook(key, z):
