@@ -442,19 +442,18 @@ class GraphPlan:
                     if gram is None:
                         taps = _conv_taps(layer, a)
                         d2 = ops.reshape(d, (d.shape[0], d.shape[1], -1, d.shape[-1]))
+                        route = backends.get().conv_gram_route(d2.shape[2], d2.shape[0])
                         if _per_output_identity_pays(taps, d2, max_bytes):
                             gram = _per_output_identity_gram(taps, d2)
+                        elif route == "patches":
+                            patches = ops.stack(taps, axis=-2)
+                            gram = _per_output_gram(
+                                ops.reshape(patches, tuple(patches.shape[:2]) + (-1,)), d2
+                            )
+                        elif route == "tap_grams":
+                            gram = _per_tap_gram(taps, d)
                         else:
-                            route = backends.get().conv_gram_route(d2.shape[2], d2.shape[0])
-                            if route == "patches":
-                                patches = ops.stack(taps, axis=-2)
-                                gram = _per_output_gram(
-                                    ops.reshape(patches, tuple(patches.shape[:2]) + (-1,)), d2
-                                )
-                            elif route == "tap_grams":
-                                gram = _per_tap_gram(taps, d)
-                            else:
-                                gram = _per_filter_gram(taps, d)
+                            gram = _per_filter_gram(taps, d)
                 elif kind == "dense" or (kind == "conv" and layer.groups == 1) or role == "pointwise":
                     a2, d2, kshape = _matmul_form(layer, kind, role, a, d)
                     gram = _identity_gram(a2, d2, rows_per_sample, axis, num, kshape, max_bytes)
