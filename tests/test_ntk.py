@@ -558,6 +558,8 @@ def test_top_eigenvalue_solver_on_hard_stacks(m):
     q, _ = np.linalg.qr(rng.randn(m, m))
     close = np.linspace(1.0, 0.999, m)  # tiny gap at the top
     stacks.append((q * close) @ q.T)
+    # Indefinite, its most negative eigenvalue the largest in magnitude.
+    stacks.append((q * np.r_[-3.0, 2.0, 2.0, np.zeros(m - 3)]) @ q.T)
     stacks.append(np.zeros((m, m)))
     grams = np.stack(stacks)
     top = ntk.top_eigenvalues_numpy(grams)
@@ -614,6 +616,41 @@ def test_effective_rank_definition():
     np.testing.assert_allclose(ntk.effective_rank([[3.0, 0, 0], [1, 1, 1], [0, 0, 0]]), [1.0, 3.0, 0.0])
 
 
+@pytest.mark.parametrize("m", [16, 40])
+def test_small_matrices_take_the_power_run_where_it_is_accepted(monkeypatch, m):
+    # Small matrices whose spectra fall off at the top are solved by the
+    # power run; those with a tiny gap at the top, and the zero matrix, are
+    # not given to it or not accepted by it, and go to the dense solve.
+    rng = np.random.RandomState(3)
+    stacks = []
+    for ratio in (0.05, 0.3, 0.6, 0.7):
+        q, _ = np.linalg.qr(rng.randn(m, m))
+        stacks.append((q * ratio ** np.arange(m)) @ q.T * 1e2)
+    for rank in (1, 2, 5):
+        a = rng.randn(m, rank) * (1.0 + np.arange(rank))
+        stacks.append(a @ a.T)
+    q, _ = np.linalg.qr(rng.randn(m, m))
+    stacks.append((q * np.linspace(1.0, 0.9999, m)) @ q.T)
+    stacks.append(np.zeros((m, m)))
+    grams = np.stack(stacks)
+    dense = []
+    original = ntk._dense_top
+
+    def spy(g, scale):
+        dense.append(g.shape[0])
+        return original(g, scale)
+
+    monkeypatch.setattr(ntk, "_dense_top", spy)
+    top = ntk.top_eigenvalues_numpy(grams.astype("float32"))
+    assert dense == [1]  # the tiny gap alone
+    np.testing.assert_allclose(
+        top, np.linalg.eigvalsh(grams.astype("float32").astype("float64"))[:, -1], rtol=1e-6
+    )
+    assert top[-1] == 0.0
+    # Each power-run value is within the residual test's bound of LAPACK's.
+    np.testing.assert_allclose(top[:-2], np.linalg.eigvalsh(grams[:-2])[:, -1], rtol=2e-6)
+
+
 def test_top_eigenvalue_solver_on_ntk_like_stacks():
     # Gram-sized stacks (160 rows: 16 samples x 10 logits) whose spectra decay
     # fast (accepted after the first Lanczos run), slowly (the longer run) or
@@ -637,8 +674,8 @@ def test_top_eigenvalue_solver_on_ntk_like_stacks():
     [
         # Lanczos in parts of five matrices; one matrix is left to the dense solver.
         (60, 23, (5, 1, 2, np.inf), "_lanczos_part", "EIG_TASK_BYTES", 5 * 60 * 60 * 8, 2, 1e-5),
-        # Small matrices: the dense solver, in parts of at least three.
-        (16, 11, (3, 0, 0, np.nan), "_dense_top", "DENSE_TASK_MATRICES", 3, 3, 1e-6),
+        # Small matrices: the power run and the dense solver, in parts of at least three.
+        (16, 11, (3, 0, 0, np.nan), "_small_top", "DENSE_TASK_MATRICES", 3, 3, 1e-6),
     ],
 )
 def test_eigensolve_split_over_threads_gives_the_same_values(
