@@ -442,7 +442,8 @@ class GraphPlan:
                     if gram is None:
                         taps = _conv_taps(layer, a)
                         d2 = ops.reshape(d, (d.shape[0], d.shape[1], -1, d.shape[-1]))
-                        route = backends.get().conv_gram_route(d2.shape[2], d2.shape[0])
+                        values = d2.shape[0] * d2.shape[1] * d2.shape[3] * len(taps) * taps[0].shape[-1]
+                        route = backends.get().conv_gram_route(d2.shape[2], d2.shape[0], values)
                         if _per_output_identity_pays(taps, d2, max_bytes):
                             gram = _per_output_identity_gram(taps, d2)
                         elif route == "patches":

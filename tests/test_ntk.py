@@ -356,6 +356,27 @@ def test_every_conv_gram_route_matches_reference(route):
             for ntk_output in ("sum", "logits"):
                 _check_against_reference(m, x, ntk_output)
     assert chosen.call_count > 0
+    # The backend is told the positions, the rows per sample and the size of
+    # the stacked per-sample gradients (n * rows * filters * taps * channels).
+    first = m.get_layer("c")  # a 4x4 kernel on the input
+    n, (kh, kw, channels, filters) = x.shape[0], first.kernel.shape
+    taps = kh * kw
+    calls = {c.args for c in chosen.call_args_list}
+    assert any(c[1] == 1 and c[2] == n * filters * taps * channels for c in calls), calls
+
+
+def test_conv_gram_route_depends_on_the_gradient_size_where_the_backend_says():
+    from keras_mat import backends
+
+    kernel = backends.get()
+    for positions, rows, values in ((64, 1, 10**7), (64, 1, 10**3), (1024, 10, 10**7), (16, 10, 10**3)):
+        assert kernel.conv_gram_route(positions, rows, values) in ("patches", "taps", "tap_grams")
+    if backends.name() == "jax":
+        # One row per sample: per-tap Grams once the stacked gradients are large.
+        big = kernel.TAP_GRAMS_MIN_VALUES
+        assert kernel.conv_gram_route(64, 1, big) == "tap_grams"
+        assert kernel.conv_gram_route(64, 1, big - 1) == "taps"
+        assert kernel.conv_gram_route(64, 10, 10 * big) == "taps"
 
 
 def test_factored_and_generic_routes_agree():

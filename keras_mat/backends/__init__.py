@@ -20,12 +20,13 @@ Every backend module exposes the same small set of functions:
   the captured layer inputs and the gradients at the grouped layers'
   outputs, one batched backward pass per output row (`fast`: the probe is
   compiled for a short fit).
-- `conv_gram_route(positions, rows)`: how the per-filter Grams of a
+- `conv_gram_route(positions, rows, values)`: how the per-filter Grams of a
   convolution with this many output positions, probed with this many rows
-  per sample, are formed: `"patches"` (per-sample gradients from the
-  stacked patches, one product), `"taps"` (per-sample gradients tap by tap,
-  one product per kernel tap) or `"tap_grams"` (one Gram per kernel tap,
-  summed; no whole per-sample gradient is formed).
+  per sample, whose stacked per-sample gradients hold this many values, are
+  formed: `"patches"` (per-sample gradients from the stacked patches, one
+  product), `"taps"` (per-sample gradients tap by tap, one product per
+  kernel tap) or `"tap_grams"` (one Gram per kernel tap, summed; no whole
+  per-sample gradient is formed).
 - `conv_sample_grads(a, d, kernel_shape, strides, padding, dilation, fast)`:
   a convolution's per-sample weight gradients as one gradient convolution
   per sample, where the backend runs that faster than the taps or patches

@@ -104,15 +104,26 @@ def output_gradients(run, rows, fast=False):
     return aux, jax.tree_util.tree_map(lambda *g: jax.numpy.stack(g), *per_row)
 
 
-def conv_gram_route(positions, rows):
-    # Tap by tap: XLA fuses the stacked patches into the contraction badly
-    # (measured on every layer of a small VGG, n=16: 28 ms for the six layers
-    # tap by tap against 35 ms from patches with one row per sample). Summed
-    # per-tap Grams, one row per sample, one 3x3 layer: 5.4-7.0 against
-    # 5.5 ms tap by tap on a 16x16 map of 64 channels, 7.0 against 8.7 ms on
-    # 8x8 of 128; within the spread, not taken.
-    del positions, rows
-    return "taps"
+#: One row per sample: a convolution whose stacked per-sample gradients hold
+#: at least this many values forms its per-filter Grams as a sum of per-tap
+#: Grams (each tap's part stays in cache). Measured, n=16, 3x3 layers, Gram
+#: included, per-tap Grams against tap by tap: 8x8 map of 128 to 128
+#: channels (2.4M values) 7.8 against 10.5 ms, 4x4 of 192 (5.3M) 14.1
+#: against 31.7 ms, 16x16 of 96 (1.3M) 9.0 against 13.2 ms; below, 8x8 of
+#: 64 to 128 (1.2M) 4.1 against 3.9 ms, 16x16 of 64 (0.6M) 6.9 against
+#: 5.1 ms.
+TAP_GRAMS_MIN_VALUES = 1_250_000
+
+
+def conv_gram_route(positions, rows, values):
+    # Otherwise tap by tap: XLA fuses the stacked patches into the
+    # contraction badly (measured on every layer of a small VGG, n=16: 28 ms
+    # for the six layers tap by tap against 35 ms from patches with one row
+    # per sample). With ten rows per sample the taps are fastest on every
+    # layer of that VGG (its 8x8 layer of 128 channels: 186 ms against 236 ms
+    # as per-tap Grams).
+    del positions
+    return "tap_grams" if rows == 1 and values >= TAP_GRAMS_MIN_VALUES else "taps"
 
 
 # Per-sample convolution weight gradients as one batch-1 gradient

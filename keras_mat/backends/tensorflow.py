@@ -59,7 +59,7 @@ def output_gradients(run, rows, fast=False):
     return aux, {k: tf.stack([g[i] for g in per_row]) for i, k in enumerate(keys)}
 
 
-def conv_gram_route(positions, rows):
+def conv_gram_route(positions, rows, values):
     # Measured under XLA on single 3x3 layers, n=16. One row per sample: the
     # summed per-tap Grams take 4.3-5.7 ms against 8.6-10.5 ms from the
     # stacked patches on a 32x32 map of 32 channels, 4.1-5.6 against
@@ -67,6 +67,7 @@ def conv_gram_route(positions, rows):
     # Ten rows per sample (the Gram products dominate): the stacked patches
     # are faster on 32x32 and 16x16 maps (a small VGG's four layers: 79
     # against 130 ms tap by tap), the taps on 8x8 maps (169 against 247 ms).
+    del values
     if rows == 1:
         return "tap_grams"
     return "patches" if positions >= 256 else "taps"

@@ -95,13 +95,13 @@ def output_gradients(run, rows, fast=False):
     return aux, {k: torch.stack([r[i] for r in per_row]) for i, k in enumerate(keys)}
 
 
-def conv_gram_route(positions, rows):
+def conv_gram_route(positions, rows, values):
     # One product of the stacked patches beats one per tap on every layer of
     # a small VGG, n=16 (10 rows per sample: 261 against 450 ms for the six
     # layers; the taps of a 3-channel input cost 8x more). Summed per-tap
     # Grams, one row per sample, one 3x3 layer: 9.1 against 9.3 ms on a
     # 32x32 map of 32 channels, 8.3 against 6.2 ms on 8x8 of 128; not taken.
-    del positions, rows
+    del positions, rows, values
     return "patches"
 
 
