@@ -38,10 +38,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     import keras
+    import lambda_max
     import numpy as np
 
     import keras_mat
-    import lambda_max
 
     load_before = os.getloadavg()
     keras.utils.set_random_seed(0)
