@@ -50,6 +50,10 @@ Every backend module exposes the same small set of functions:
   the masked optimizer update's snapshot and its `where(condition, value,
   old)` write-back (`_stateful.py` for the traced backends; raw in-place
   torch ops on PyTorch, whose steps run eagerly).
+- `ASSIGNS_IN_STATELESS_SCOPE`: whether Keras's own optimizers write their
+  variables through `Variable.assign` inside a `keras.StatelessScope` (JAX,
+  PyTorch's unfused ones; TensorFlow's write the `tf.Variable`s), so that the
+  masked `stateless_apply` can blend each assignment as it is made.
 """
 
 import importlib

@@ -272,3 +272,7 @@ GRAM_CHUNK_BYTES = None
 #: an 8x8 map, where the identity needs 0.52x the multiply-adds: 168 against
 #: 150 ms tap by tap).
 IDENTITY_COST_FACTOR = 2.0
+
+
+# Keras's JAX optimizers assign through the StatelessScope (the trainer's only path).
+ASSIGNS_IN_STATELESS_SCOPE = True

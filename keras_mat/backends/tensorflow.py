@@ -162,3 +162,8 @@ GRAM_CHUNK_BYTES = None
 #: multiply-adds) 67-91 against 94-115 ms tap by tap; 64 to 128 channels
 #: (0.81x) 71 against 65 ms.
 IDENTITY_COST_FACTOR = 1.6
+
+
+# Keras's TensorFlow optimizers write the tf.Variables directly (and refuse
+# stateless_apply): no blend at assignment.
+ASSIGNS_IN_STATELESS_SCOPE = False

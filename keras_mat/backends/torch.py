@@ -184,3 +184,8 @@ GRAM_CHUNK_BYTES = 24 << 20
 #: an 8x8 map, where the identity needs 0.52x the multiply-adds: 115 against
 #: 81 ms from the stacked patches).
 IDENTITY_COST_FACTOR = 2.0
+
+
+# Keras's unfused optimizers assign through the StatelessScope; the fused ones
+# (Adam, SGD, ...) update the tensors in place and are not blended at assignment.
+ASSIGNS_IN_STATELESS_SCOPE = True
