@@ -211,6 +211,16 @@ def test_blend_at_assignment_equals_blend_after_update(name):
         assert all(same), [v.path for v, ok in zip(model.trainable_variables + opt.variables, same) if not ok]
 
 
+def test_stateless_apply_rejects_a_wrong_number_of_values():
+    model = make_model()
+    opt = wrap(keras.optimizers.Adam(0.01))
+    opt.build(model.trainable_variables)
+    values_ = [v.value for v in model.trainable_variables][:-1]
+    grads = [ops.zeros_like(v) for v in values_]
+    with pytest.raises(ValueError, match=r"one value per variable .*Received: \d+ values"):
+        opt.stateless_apply([v.value for v in opt.variables], grads, values_)
+
+
 def test_blend_at_assignment_only_for_the_exact_elementwise_types():
     class MyAdam(keras.optimizers.Adam):  # may override update_step
         pass
