@@ -47,9 +47,9 @@ Every backend module exposes the same small set of functions:
 - `scalar_grad(fn, values)`: plain gradient of a scalar function (used by the
   slow reference only).
 - `copy_values(variables)` / `restore_masked(variables, conditions, olds)`:
-  the masked optimizer update's snapshot and its `where(condition, value,
-  old)` write-back (`_stateful.py` for the traced backends; raw in-place
-  torch ops on PyTorch, whose steps run eagerly).
+  the masked optimizer update's snapshot (opaque to the caller) and its
+  `where(condition, value, old)` write-back (`_stateful.py` for the traced
+  backends; raw in-place torch ops on PyTorch, whose steps run eagerly).
 - `ASSIGNS_IN_STATELESS_SCOPE`: whether Keras's own optimizers write their
   variables through `Variable.assign` inside a `keras.StatelessScope` (JAX,
   PyTorch's unfused ones; TensorFlow's write the `tf.Variable`s), so that the
