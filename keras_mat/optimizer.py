@@ -515,6 +515,7 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
                 inner_owner.append(index.get(id(owner)))
         self._inner_plan = inner_plan
         self._inner_owner = inner_owner
+        self._eager_cache = {}
         self._plan_by_id = {
             id(v): p
             for v, p in zip(list(var_list) + list(inner_vars), self._trainable_plan + inner_plan)
@@ -668,9 +669,21 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
             given, trainable_variables = list(range(len(tvars))), tvars
         live_t = [g is not None for g in full]
         live_i = self._live(live_t)
-        keep = self._keep_from_values(
-            [s["mask"].value for s in self._state_list], [s["frozen"].value for s in self._state_list]
-        )
+        kernel = backends.get()
+        mask_values = [s["mask"].value for s in self._state_list]
+        state_values = mask_values + [s["frozen"].value for s in self._state_list]
+        # An eager step (PyTorch) reuses the broadcast masks while the mask
+        # state is unwritten: they cost about 0.7 ms a step on a small
+        # transformer, out of 2.5 ms for the whole masked update.
+        key = kernel.state_key(state_values)
+        cached = self._eager_cache.get("conditions")
+        if key is not None and cached is not None and cached[0] == key:
+            conditions = cached[1]
+        else:
+            n = len(mask_values)
+            conditions = _Conditions(self._keep_from_values(state_values[:n], state_values[n:]))
+            # (The tensors are held so that their ids stay theirs while cached.)
+            self._eager_cache["conditions"] = None if key is None else (key, conditions, state_values)
         ivars = self.inner_optimizer.variables
         # The blended variables: trainable ones with a gradient, and their slots.
         blended = [
@@ -682,12 +695,10 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
             for p, v, lv in zip(plan, variables, live)
             if p is not None and lv
         ]
-        kernel = backends.get()
         # Snapshot (a real copy: torch optimizers update in place).
         olds = kernel.copy_values([v for _, v in blended])
-        full = self._scale_gradients(full, [s["mask"].value for s in self._state_list])
+        full = self._scale_gradients(full, mask_values)
         self.inner_optimizer.apply([full[k] for k in given], trainable_variables)
-        conditions = _Conditions(keep)
         kernel.restore_masked(
             [v for _, v in blended], [conditions(p, tuple(v.shape)) for p, v in blended], olds
         )

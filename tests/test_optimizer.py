@@ -364,6 +364,33 @@ def test_loss_scale_optimizer_around_wrapper():
     assert_only_active_moved(model, before, masks)
 
 
+@pytest.mark.parametrize("write", ["set_masks", "assign", "frozen"])
+def test_masks_written_between_steps_take_effect_at_the_next_apply(write):
+    # An eager step (PyTorch) reuses the broadcast masks while the mask state
+    # is unwritten. A write through `set_masks`, or straight to the state
+    # variables (as a checkpoint restore does), counts from the next apply.
+    rng = np.random.default_rng(4)
+    model = make_model()
+    opt = wrap(keras.optimizers.Adam(0.01), policy=None)
+    opt.build(model.trainable_variables)
+    first = random_masks(opt, rng)
+    opt.set_masks(first)
+    opt.apply(random_grads(model, rng), model.trainable_variables)
+    second = {k: ~v for k, v in first.items()}
+    if write == "set_masks":
+        opt.set_masks(second)
+    elif write == "assign":
+        for g in opt.families:
+            opt.mat_state[g.name]["mask"].assign(second[g.name].astype("float32"))
+    else:  # stop the modules `first` updated, keep the masks: only `first`'s masked ones move
+        for g in opt.families:
+            opt.mat_state[g.name]["frozen"].assign(first[g.name].astype("float32"))
+            opt.mat_state[g.name]["mask"].assign(np.ones(g.num_modules, "float32"))
+    before = values(model.trainable_variables)
+    opt.apply(random_grads(model, rng), model.trainable_variables)
+    assert_only_active_moved(model, before, second)
+
+
 def test_wrapper_around_loss_scale_optimizer():
     model = make_model()
     opt = wrap(keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(0.01)))

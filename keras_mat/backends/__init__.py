@@ -50,6 +50,9 @@ Every backend module exposes the same small set of functions:
   the masked optimizer update's snapshot (opaque to the caller) and its
   `where(condition, value, old)` write-back (`_stateful.py` for the traced
   backends; raw in-place torch ops on PyTorch, whose steps run eagerly).
+- `state_key(tensors)`: a hashable key that changes whenever one of the
+  tensors is written, for reusing what an eager step computed from them (the
+  broadcast masks on PyTorch); None where steps are traced.
 - `ASSIGNS_IN_STATELESS_SCOPE`: whether Keras's own optimizers write their
   variables through `Variable.assign` inside a `keras.StatelessScope` (JAX,
   PyTorch's unfused ones; TensorFlow's write the `tf.Variable`s), so that the

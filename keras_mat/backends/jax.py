@@ -6,7 +6,7 @@ import math
 import jax
 import numpy as np
 
-from keras_mat.backends._stateful import copy_values, restore_masked  # noqa: F401  (kernel API)
+from keras_mat.backends._stateful import copy_values, restore_masked, state_key  # noqa: F401  (kernel API)
 
 
 def _batch_axis():

@@ -9,7 +9,7 @@ slower and graph mode is both safe and fast.
 
 import tensorflow as tf
 
-from keras_mat.backends._stateful import copy_values, restore_masked  # noqa: F401  (kernel API)
+from keras_mat.backends._stateful import copy_values, restore_masked, state_key  # noqa: F401  (kernel API)
 
 
 def _rows(fn, probe_values, xi, yi):

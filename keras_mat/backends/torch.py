@@ -117,6 +117,16 @@ def copy_values(variables):
         return [(t, t.clone()) for t in (v.value.detach() for v in variables)]
 
 
+def state_key(tensors):
+    """A key that changes whenever one of these tensors is written, in place
+    (its version counter) or replaced (its id; the caller holds the tensors),
+    so that an eager step can reuse what it computed from them; None under
+    `torch.compile`, which traces the step."""
+    if torch.compiler.is_compiling():
+        return None
+    return tuple((id(t), t._version) for t in tensors)
+
+
 def restore_masked(variables, conditions, olds):
     """Writes `where(condition, value, old)` into each variable's tensor in
     place, as Keras's own torch optimizers update them (`torch._foreach_*`
