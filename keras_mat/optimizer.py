@@ -106,8 +106,13 @@ class _MaskingScope(keras.StatelessScope):
     def add_update(self, update):
         variable, value = update
         plan = self._plans.get(id(variable))
-        start = self._start.get(id(variable))
-        if plan is not None and start is not None:
+        if plan is not None:
+            start = self._start.get(id(variable))
+            if start is None:  # (every variable the inner apply may write is mapped)
+                raise RuntimeError(
+                    f"keras_mat: the inner optimizer wrote {variable.path!r}, which the masked "
+                    "stateless update was not given a value for, so it cannot keep its masked modules"
+                )
             value = ops.convert_to_tensor(value, dtype=start.dtype)
             value = ops.where(self._conditions(plan, tuple(value.shape)), value, start)
         super().add_update((variable, value))
