@@ -202,10 +202,41 @@ def test_a_call_on_next_apply_runs_once_when_a_step_applies_the_optimizer():
     assert opt._on_next_apply == []
 
 
+def probes_of(events):
+    return [i for i, e in enumerate(events) if e[0] == "probe"]
+
+
+def test_on_next_compile_calls_once_after_the_next_lowering():
+    from keras_mat import backends
+
+    trainer = backends.trainer()
+    calls = []
+
+    def call():
+        calls.append(len(calls))
+
+    if BACKEND != "jax":  # nothing tells when a step compiles: the caller starts it itself
+        assert trainer.on_next_compile(call) is False
+        return
+    import jax
+
+    assert trainer.on_next_compile(call) is True
+    assert calls == []
+    jax.jit(lambda t: t * 3.0 + 1.0).lower(np.float32(0))
+    assert calls == [0]
+    jax.jit(lambda t: t * 5.0 + 2.0).lower(np.float32(0))
+    assert calls == [0]  # once
+    trainer.on_next_compile(call)
+    trainer.cancel_on_next_compile(call)
+    jax.jit(lambda t: t - 7.0).lower(np.float32(0))
+    assert calls == [0]
+
+
 @pytest.mark.parametrize("traced", [True, False])
 def test_deferred_first_measurement_waits_for_the_step_to_reach_the_optimizer(traced):
     # The warm-up measurement's thread starts once the first step reaches the
-    # optimizer (at trace time where the step compiles). Where nothing calls
+    # optimizer (at trace time where the step compiles; on JAX once that step
+    # is lowered, when its compile begins). Where nothing calls
     # the optimizer's hook (`traced=False`: a step compiled before the fit),
     # the next batch starts it. Either way the measurement of step 0 sees the
     # initial weights.
@@ -231,13 +262,25 @@ def test_deferred_first_measurement_waits_for_the_step_to_reach_the_optimizer(tr
         events.append(("probe", threading.current_thread().name))
         return original_lambda(*args, **kwargs)
 
+    original_start = T.MATCallback._start_if_waiting
+
+    def start_if_waiting(self):
+        events.append(("compile", None))
+        original_start(self)
+
     log = MATCallback(x, probe_every=4, probe_samples=4, defer_first_measurement=True)
     with (
         mock.patch.object(type(opt), "_applying", applying),
         mock.patch.object(T, "_lambda_from", lambda_from),
+        mock.patch.object(T.MATCallback, "_start_if_waiting", start_if_waiting),
     ):
         m.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[log])
-    probes = [i for i, e in enumerate(events) if e[0] == "probe"]
+    if traced and BACKEND == "jax":
+        # JAX: started once the traced step was lowered, before its compile.
+        assert events.index(("apply", None)) < events.index(("compile", None)) < probes_of(events)[0]
+    else:
+        assert ("compile", None) not in events
+    probes = probes_of(events)
     if not backends.trainer().background_measurement(m):
         assert probes == []  # PyTorch: measured on the training thread, no compile to hide
     else:

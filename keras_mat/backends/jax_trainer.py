@@ -1,7 +1,51 @@
 """JAX side of the training integration."""
 
+import threading
+
 import jax
 import keras
+
+# Callbacks waiting for the next lowering to finish (see `on_next_compile`).
+_waiting = []
+_lock = threading.Lock()
+_listening = False
+# Recorded by JAX once a jitted function is lowered, just before XLA compiles it.
+_LOWERED_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+
+
+def _on_event(event, duration, **kwargs):
+    del duration, kwargs
+    if event != _LOWERED_EVENT or not _waiting:
+        return
+    with _lock:
+        calls = list(_waiting)
+        _waiting.clear()
+    for fn in calls:
+        fn()
+
+
+def on_next_compile(fn):
+    """Calls `fn()` (on the compiling thread) once the next jitted program is
+    lowered, when XLA starts compiling it without Python's lock. Returns True.
+
+    A first measurement's thread started there traces its probe while the
+    train step compiles, instead of while the step is still being traced and
+    lowered (two threads that trace share Python's lock and each runs at half
+    speed). One listener of JAX's compile events serves the process; it does
+    nothing while no call waits."""
+    global _listening
+    with _lock:
+        if not _listening:
+            jax.monitoring.register_event_duration_secs_listener(_on_event)
+            _listening = True
+        _waiting.append(fn)
+    return True
+
+
+def cancel_on_next_compile(fn):
+    with _lock:
+        if fn in _waiting:
+            _waiting.remove(fn)
 
 
 def sync_state(model):

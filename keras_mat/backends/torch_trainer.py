@@ -30,3 +30,14 @@ def check_distribution(model):
             "lambda_max on every rank (see docs/scaling.md and examples/torch_ddp.py). "
             f"Received: torch.distributed world_size={dist.get_world_size()}"
         )
+
+
+def on_next_compile(fn):
+    """False: nothing tells when a train step starts compiling here (the
+    caller starts `fn` itself)."""
+    del fn
+    return False
+
+
+def cancel_on_next_compile(fn):
+    del fn
