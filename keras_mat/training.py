@@ -730,9 +730,10 @@ class MATCallback(keras.callbacks.Callback):
     def _start_at_compile(self):
         # At the step's optimizer trace: start the thread once the step is
         # lowered and compiles (or now, where the backend cannot tell).
-        thread = self._pending[0]
+        if self._pending is None or self._pending[0].ident is not None:
+            return
         if not backends.trainer().on_next_compile(self._start_if_waiting):
-            thread.start()
+            self._pending[0].start()
 
     def _start_if_waiting(self):
         if self._pending is not None and self._pending[0].ident is None:
@@ -743,7 +744,6 @@ class MATCallback(keras.callbacks.Callback):
         # no compile followed its trace.
         thread = self._pending[0]
         if self._opt is not None:
-            self._opt._cancel_on_next_apply(thread.start)
             self._opt._cancel_on_next_apply(self._start_at_compile)
         backends.trainer().cancel_on_next_compile(self._start_if_waiting)
         if thread.ident is None:

@@ -32,7 +32,8 @@ def on_next_compile(fn):
     train step compiles, instead of while the step is still being traced and
     lowered (two threads that trace share Python's lock and each runs at half
     speed). One listener of JAX's compile events serves the process; it does
-    nothing while no call waits."""
+    nothing while no call waits. (Should a JAX release rename the event, `fn`
+    waits for the caller's fallback: the next batch.)"""
     global _listening
     with _lock:
         if not _listening:
