@@ -150,6 +150,10 @@ def train(rank, args, port=None):
         with open(f"{args.out}.rank{rank}", "w") as f:
             json.dump(record, f)
     if world > 1:
+        # Every rank's last collective done before teardown: the group's
+        # destructor joins gloo's worker thread, which may still need Python's
+        # lock to release the last work's tensors (a hang at exit otherwise).
+        dist.barrier()
         dist.destroy_process_group()
 
 
