@@ -21,6 +21,7 @@ accumulation, fused torch kernels, loss scaling, clipping):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -135,6 +136,22 @@ _ELEMENTWISE = (
     keras.optimizers.Ftrl,
     keras.optimizers.Lion,
 )
+
+
+def _scope_values(scope, variables, values):
+    """The values `scope` holds for `variables`, `values` where it holds none."""
+    out = [scope.get_current_value(v) for v in variables]
+    return [ops.convert_to_tensor(old) if new is None else new for new, old in zip(out, values)]
+
+
+@contextlib.contextmanager
+def _quiet_missing_gradients(grads):
+    # `None`: a variable the MAT step did not differentiate (all its modules
+    # off). The inner apply leaves it and its slots as they are, as it should.
+    with warnings.catch_warnings():
+        if any(g is None for g in grads) and not all(g is None for g in grads):
+            warnings.filterwarnings("ignore", message="Gradients do not exist for variables")
+        yield
 
 
 def _optimizer_chain(optimizer):
@@ -743,24 +760,16 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         inner_values = optimizer_variables[n_own:]
         trainable_variables = list(trainable_variables)
         if self.families:
-            position = {id(v): k for k, v in enumerate(self._variables)}
-            masks = [own_values[position[id(s["mask"])]] for s in self._state_list]
+            masks, frozen = self._mask_state(own_values)
             grads = self._scale_gradients(list(grads), masks)
         grads = list(grads)
         if self.families and self._updates_every_variable:
             grads = _zero_filled(grads, trainable_variables)
         live_t = [g is not None for g in grads]
-        with warnings.catch_warnings():
-            if any(live_t) and not all(live_t):
-                # `None`: a variable the MAT step did not differentiate (all its modules
-                # off). The inner apply leaves it and its slots as they are, as it should.
-                warnings.filterwarnings("ignore", message="Gradients do not exist for variables")
+        with _quiet_missing_gradients(grads):
             new_t, new_i = self.inner_optimizer.stateless_apply(inner_values, grads, trainable_variables)
         if self.families:
-            frozen = [own_values[position[id(s["frozen"])]] for s in self._state_list]
-            keep = self._keep_from_values(
-                [ops.convert_to_tensor(m) for m in masks], [ops.convert_to_tensor(f) for f in frozen]
-            )
+            keep = self._keep_from_values(masks, frozen)
             plan_t = [p if lv else None for p, lv in zip(self._trainable_plan, live_t)]
             plan_i = [p if lv else None for p, lv in zip(self._inner_plan, self._live(live_t))]
             conditions = _Conditions(keep)
@@ -770,6 +779,13 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         # (it passes `inner_optimizer.variables` inside its StatelessScope).
         own_values = [ops.convert_to_tensor(x) for x in own_values]
         return list(new_t), own_values + list(new_i)
+
+    def _mask_state(self, own_values):
+        # The mask and frozen values among this optimizer's own variable values.
+        position = {id(v): k for k, v in enumerate(self._variables)}
+        masks = [ops.convert_to_tensor(own_values[position[id(s["mask"])]]) for s in self._state_list]
+        frozen = [ops.convert_to_tensor(own_values[position[id(s["frozen"])]]) for s in self._state_list]
+        return masks, frozen
 
     def _variables_for(self, values):
         # The variables `stateless_apply` got values for: all the optimizer was
@@ -795,31 +811,17 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         n_own = len(self._variables)
         own_values = [ops.convert_to_tensor(x) for x in optimizer_variables[:n_own]]
         inner_values = optimizer_variables[n_own:]
-        position = {id(v): k for k, v in enumerate(self._variables)}
-        masks = [own_values[position[id(s["mask"])]] for s in self._state_list]
-        frozen = [own_values[position[id(s["frozen"])]] for s in self._state_list]
+        masks, frozen = self._mask_state(own_values)
         grads = self._scale_gradients(list(grads), masks, variables)
         if self._updates_every_variable:
             grads = _zero_filled(grads, values)
         conditions = _Conditions(self._keep_from_values(masks, frozen))
         ivars = self.inner_optimizer.variables
         mapping = list(zip(variables, values)) + list(zip(ivars, inner_values))
-        with warnings.catch_warnings():
-            if any(g is None for g in grads) and not all(g is None for g in grads):
-                # `None`: a variable the MAT step did not differentiate (all its modules
-                # off). The inner apply leaves it and its slots as they are, as it should.
-                warnings.filterwarnings("ignore", message="Gradients do not exist for variables")
-            with _MaskingScope(mapping, conditions, self._plan_by_id) as scope:
-                self.inner_optimizer.apply(grads, variables)
-        new_values = [scope.get_current_value(v) for v in variables]
-        new_values = [
-            ops.convert_to_tensor(old) if new is None else new for new, old in zip(new_values, values)
-        ]
-        new_inner = [scope.get_current_value(v) for v in ivars]
-        new_inner = [
-            ops.convert_to_tensor(old) if new is None else new for new, old in zip(new_inner, inner_values)
-        ]
-        return new_values, own_values + new_inner
+        with _quiet_missing_gradients(grads), _MaskingScope(mapping, conditions, self._plan_by_id) as scope:
+            self.inner_optimizer.apply(grads, variables)
+        new_values = _scope_values(scope, variables, values)
+        return new_values, own_values + _scope_values(scope, ivars, inner_values)
 
     def _call_on_next_apply(self, fn):
         """Calls `fn()` once, on the training thread, when a train step next
@@ -858,14 +860,10 @@ class ModularAdaptiveOptimizer(keras.optimizers.Optimizer):
         mapping = list(zip(variables, values)) + list(zip(self.variables, optimizer_variables))
         with keras.StatelessScope(state_mapping=mapping) as scope:
             self.apply(grads, variables)
-        new_values = [scope.get_current_value(v) for v in variables]
-        new_values = [old if new is None else new for new, old in zip(new_values, values)]
-        new_optimizer = [scope.get_current_value(v) for v in self.variables]
-        new_optimizer = [
-            ops.convert_to_tensor(old) if new is None else new
-            for new, old in zip(new_optimizer, optimizer_variables)
-        ]
-        return new_values, new_optimizer
+        return (
+            _scope_values(scope, variables, values),
+            _scope_values(scope, self.variables, optimizer_variables),
+        )
 
     # ----------------------------------------------------------------------------------
     # Measurements and masks (the MAT policy; this optimizer owns its state)

@@ -53,6 +53,16 @@ def keep_array(variable, masks):
     return np.broadcast_to(m.reshape(shape), variable.shape)
 
 
+def wrapped_twins(make_inner):
+    """Two identical models, each with a built wrapper of its own inner optimizer."""
+    pairs = []
+    for _ in range(2):
+        model, opt = make_model(), wrap(make_inner())
+        opt.build(model.trainable_variables)
+        pairs.append((model, opt))
+    return pairs
+
+
 def values(variables):
     return [np.array(keras.ops.convert_to_numpy(v.value)) for v in variables]
 
@@ -181,10 +191,7 @@ def test_blend_at_assignment_equals_blend_after_update(name):
     # the elements of a variable (Lamb's norms, Muon's orthogonalization), and
     # PyTorch's fused optimizers (they update in place), are left out.
     rng = np.random.default_rng(3)
-    model, twin = make_model(), make_model()
-    opt, ref = wrap(OPTIMIZERS[name]()), wrap(OPTIMIZERS[name]())
-    opt.build(model.trainable_variables)
-    ref.build(twin.trainable_variables)
+    (model, opt), (twin, ref) = wrapped_twins(OPTIMIZERS[name])
     public = type(opt.inner_optimizer).__module__.startswith("keras.src.optimizers")
     assert opt._blends_in_scope == (name in ELEMENTWISE and public and BACKEND != "tensorflow")
     if BACKEND == "tensorflow":  # its optimizers write their variables directly
@@ -712,10 +719,7 @@ def test_subset_apply_equals_masked_full_apply(name):
     # equal a full apply where the left-out variables' families are all off,
     # and leave the left-out variables and their slots bit for bit.
     rng = np.random.default_rng(1)
-    full_m, sub_m = make_model(), make_model()
-    full_o, sub_o = wrap(SUBSET_OPTIMIZERS[name]()), wrap(SUBSET_OPTIMIZERS[name]())
-    full_o.build(full_m.trainable_variables)
-    sub_o.build(sub_m.trainable_variables)
+    (full_m, full_o), (sub_m, sub_o) = wrapped_twins(SUBSET_OPTIMIZERS[name])
     masks = random_masks(full_o, rng)
     off = {g.name for g in full_o.families if g.name.startswith("mha")}
     masks = {k: (np.zeros_like(v) if k in off else v) for k, v in masks.items()}
@@ -760,10 +764,7 @@ def test_skipped_variables_subset_apply(stateless):
     # Both ways equal a full masked apply, and leave the skipped variables and
     # their slots bit for bit.
     rng = np.random.default_rng(2)
-    full_m, sub_m = make_model(), make_model()
-    full_o, sub_o = wrap(keras.optimizers.Adam(0.01)), wrap(keras.optimizers.Adam(0.01))
-    full_o.build(full_m.trainable_variables)
-    sub_o.build(sub_m.trainable_variables)
+    (full_m, full_o), (sub_m, sub_o) = wrapped_twins(lambda: keras.optimizers.Adam(0.01))
     masks = {g.name: np.asarray([not g.name.startswith("mha")] * g.num_modules) for g in full_o.families}
     full_o.set_masks(masks)
     sub_o.set_masks(masks)

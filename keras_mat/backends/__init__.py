@@ -84,7 +84,8 @@ def get():
 def trainer():
     """The keras_mat training-integration module of the active Keras backend
     (`<backend>_trainer.py`): state sync, whether the train step compiles,
-    and the distribution checks; chosen by backend, like Keras's trainers."""
+    the distribution checks and a hook for when a step starts compiling
+    (`on_next_compile`); chosen by backend, like Keras's trainers."""
     backend = keras.config.backend()
     if backend not in _SUPPORTED:
         raise NotImplementedError(

@@ -2,6 +2,8 @@
 
 import tensorflow as tf
 
+from keras_mat.backends._compile_events import cancel_on_next_compile, on_next_compile  # noqa: F401  (trainer API)
+
 
 def sync_state(model):
     """The state lives in the variables on TensorFlow: nothing to do."""
@@ -29,14 +31,3 @@ def check_distribution(model):
             f"and single-replica strategies. Received: {type(strategy).__name__} with "
             f"{strategy.num_replicas_in_sync} replicas"
         )
-
-
-def on_next_compile(fn):
-    """False: nothing tells when a train step starts compiling here (the
-    caller starts `fn` itself)."""
-    del fn
-    return False
-
-
-def cancel_on_next_compile(fn):
-    del fn

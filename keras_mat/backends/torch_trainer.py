@@ -2,6 +2,8 @@
 
 import torch.distributed as dist
 
+from keras_mat.backends._compile_events import cancel_on_next_compile, on_next_compile  # noqa: F401  (trainer API)
+
 
 def sync_state(model):
     """The state lives in the variables on PyTorch: nothing to do."""
@@ -30,14 +32,3 @@ def check_distribution(model):
             "lambda_max on every rank (see docs/scaling.md and examples/torch_ddp.py). "
             f"Received: torch.distributed world_size={dist.get_world_size()}"
         )
-
-
-def on_next_compile(fn):
-    """False: nothing tells when a train step starts compiling here (the
-    caller starts `fn` itself)."""
-    del fn
-    return False
-
-
-def cancel_on_next_compile(fn):
-    del fn
